@@ -1,0 +1,302 @@
+//! Accounts: registration, sign-in and roles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use domain::{
+    DisplayName, Email, Password, Profile, ProfileCommand, ProfileError, Role, User, UserCommand,
+    UserError, UserId,
+};
+use tracing::{info, warn};
+
+use crate::error::{CommandError, StoreError};
+use crate::password::PasswordHasher;
+use crate::store::{AggregateStore, Database, Reservation};
+use crate::{AfterCommit, CommandMeta};
+
+/// A reservation older than this whose user has no events belongs to a registration that
+/// died between reserving and committing; a new registration may take it over.
+const STALE_RESERVATION: Duration = Duration::from_secs(30);
+
+/// Why a registration did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// Another account has this email (compared case-insensitively). HTTP 409.
+    #[error("an account with this email already exists")]
+    EmailTaken,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a sign-in failed. Deliberately one variant: the caller must not learn whether the
+/// email exists. HTTP 401.
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("invalid email or password")]
+    InvalidCredentials,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a role change did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    #[error("no account with this email")]
+    UnknownEmail,
+    #[error(transparent)]
+    Rejected(UserError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub user_id: UserId,
+    pub email: Email,
+    pub display_name: DisplayName,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authenticated {
+    pub user_id: UserId,
+    pub role: Role,
+}
+
+/// The accounts application service.
+#[derive(Clone)]
+pub struct Accounts {
+    db: Database,
+    users: AggregateStore<User>,
+    profiles: AggregateStore<Profile>,
+    hasher: PasswordHasher,
+    bootstrap_admin: Option<Email>,
+    after_commit: Arc<dyn AfterCommit>,
+}
+
+impl Accounts {
+    pub fn new(
+        db: Database,
+        hasher: PasswordHasher,
+        bootstrap_admin: Option<Email>,
+        after_commit: Arc<dyn AfterCommit>,
+    ) -> Self {
+        Accounts {
+            users: db.aggregates(),
+            profiles: db.aggregates(),
+            db,
+            hasher,
+            bootstrap_admin,
+            after_commit,
+        }
+    }
+
+    pub fn users(&self) -> &AggregateStore<User> {
+        &self.users
+    }
+
+    /// Register a new account and open its profile.
+    ///
+    /// Uniqueness of the email is decided by the reservation table, not by the aggregate:
+    /// among concurrent registrations of one email exactly one reserves it. A reservation
+    /// whose registration died before committing is taken over once it is stale.
+    #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty), err(level = "debug"))]
+    pub async fn register(
+        &self,
+        email: Email,
+        password: Password,
+        display_name: DisplayName,
+        meta: &CommandMeta,
+    ) -> Result<Registered, RegisterError> {
+        // Hash first: it is the slow part and must not widen the reservation window.
+        let password_hash = self.hasher.hash(&password).await?;
+        let user_id = UserId::new_v7();
+        tracing::Span::current().record("user_id", tracing::field::display(user_id));
+        self.reserve(&email, user_id).await?;
+
+        let grant_admin = self.bootstrap_admin.as_ref() == Some(&email);
+        let command = UserCommand::Register {
+            user_id,
+            email: email.clone(),
+            password_hash,
+            display_name: display_name.clone(),
+            grant_admin,
+        };
+        let meta = with_actor(meta, user_id);
+        match self
+            .users
+            .execute(&user_id.to_string(), command, &(), None, &meta)
+            .await
+        {
+            Ok(_) => {}
+            Err(e) => {
+                // Nothing was committed: give the email back.
+                if let Err(release) = self.db.release_email(&email, user_id).await {
+                    warn!(error = %release, "could not release an email reservation");
+                }
+                return Err(match e {
+                    CommandError::Store(s) => RegisterError::Store(s),
+                    other => RegisterError::Store(StoreError::msg(other)),
+                });
+            }
+        }
+        if grant_admin {
+            info!(%user_id, "bootstrap admin registered");
+        }
+        // The profile provisioner projection would open the profile anyway; doing it here
+        // makes it visible at once.
+        if let Err(e) = self
+            .open_profile(user_id, display_name.clone(), &meta)
+            .await
+        {
+            warn!(error = %e, "opening the profile failed; the provisioner will retry");
+        }
+        self.after_commit.committed().await;
+        Ok(Registered {
+            user_id,
+            email,
+            display_name,
+            role: if grant_admin { Role::Admin } else { Role::User },
+        })
+    }
+
+    async fn reserve(&self, email: &Email, user_id: UserId) -> Result<(), RegisterError> {
+        match self.db.reserve_email(email, user_id).await? {
+            Reservation::Reserved => Ok(()),
+            Reservation::HeldBy {
+                user_id: holder,
+                reserved_at,
+            } => {
+                let age = (Utc::now() - reserved_at).to_std().unwrap_or_default();
+                if age < STALE_RESERVATION {
+                    return Err(RegisterError::EmailTaken);
+                }
+                let holder_state = self.users.load(&holder.to_string()).await?;
+                if holder_state.version > 0 {
+                    return Err(RegisterError::EmailTaken);
+                }
+                if self.db.take_over_email(email, holder, user_id).await? {
+                    warn!(%holder, "took over a stale email reservation");
+                    Ok(())
+                } else {
+                    Err(RegisterError::EmailTaken)
+                }
+            }
+        }
+    }
+
+    /// Open a user's profile unless it exists. Idempotent; used by registration and by the
+    /// profile provisioner projection.
+    pub async fn open_profile(
+        &self,
+        user_id: UserId,
+        display_name: DisplayName,
+        meta: &CommandMeta,
+    ) -> Result<(), StoreError> {
+        let command = ProfileCommand::Create {
+            user_id,
+            display_name,
+        };
+        match self
+            .profiles
+            .execute(&user_id.to_string(), command, &(), None, meta)
+            .await
+        {
+            Ok(_)
+            | Err(CommandError::Rejected(ProfileError::AlreadyExists))
+            | Err(CommandError::Conflict) => Ok(()),
+            Err(CommandError::Store(e)) => Err(e),
+            Err(other) => Err(StoreError::msg(other)),
+        }
+    }
+
+    /// Check an email and password. Every failure takes about as long as a success, and
+    /// all of them look alike to the caller.
+    #[tracing::instrument(skip_all, err(level = "debug"))]
+    pub async fn authenticate(
+        &self,
+        email: &str,
+        password: &str,
+    ) -> Result<Authenticated, LoginError> {
+        let user = match Email::parse(email) {
+            Ok(email) => match self.db.email_owner(&email).await? {
+                Some(id) => Some(self.users.load(&id.to_string()).await?.state),
+                None => None,
+            },
+            Err(_) => None,
+        };
+        let hash = user.as_ref().and_then(|u| u.password_hash.as_ref());
+        let matches = self.hasher.verify(password, hash).await?;
+        match user {
+            Some(u) if matches && u.active => match u.id {
+                Some(user_id) => Ok(Authenticated {
+                    user_id,
+                    role: u.role,
+                }),
+                None => Err(LoginError::InvalidCredentials),
+            },
+            _ => Err(LoginError::InvalidCredentials),
+        }
+    }
+
+    /// Grant the admin role to the account with this email. Idempotent.
+    pub async fn grant_admin(&self, email: &Email, meta: &CommandMeta) -> Result<UserId, RoleError> {
+        self.change_role(email, UserCommand::GrantAdmin, meta).await
+    }
+
+    /// Revoke the admin role from the account with this email. Idempotent.
+    pub async fn revoke_admin(
+        &self,
+        email: &Email,
+        meta: &CommandMeta,
+    ) -> Result<UserId, RoleError> {
+        self.change_role(email, UserCommand::RevokeAdmin, meta).await
+    }
+
+    async fn change_role(
+        &self,
+        email: &Email,
+        command: UserCommand,
+        meta: &CommandMeta,
+    ) -> Result<UserId, RoleError> {
+        let user_id = self
+            .db
+            .email_owner(email)
+            .await?
+            .ok_or(RoleError::UnknownEmail)?;
+        // A conflict means someone else changed the user at the same moment: try again on
+        // the new state (role changes are idempotent, so this converges).
+        for _ in 0..3 {
+            match self
+                .users
+                .execute(&user_id.to_string(), command.clone(), &(), None, meta)
+                .await
+            {
+                Ok(_) => {
+                    self.after_commit.committed().await;
+                    return Ok(user_id);
+                }
+                Err(CommandError::Conflict) => continue,
+                Err(CommandError::Rejected(UserError::NotRegistered)) => {
+                    return Err(RoleError::UnknownEmail);
+                }
+                Err(CommandError::Rejected(e)) => return Err(RoleError::Rejected(e)),
+                Err(CommandError::Store(e)) => return Err(RoleError::Store(e)),
+                Err(e @ CommandError::StaleVersion { .. }) => {
+                    return Err(RoleError::Store(StoreError::msg(e)));
+                }
+            }
+        }
+        Err(RoleError::Store(StoreError::msg(
+            "gave up after repeated write conflicts",
+        )))
+    }
+}
+
+fn with_actor(meta: &CommandMeta, user_id: UserId) -> CommandMeta {
+    CommandMeta {
+        request_id: meta.request_id.clone(),
+        actor: meta.actor.clone().or_else(|| Some(format!("user:{user_id}"))),
+    }
+}

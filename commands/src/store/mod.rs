@@ -1,0 +1,394 @@
+//! The event-store port and its two adapters (Postgres, SQLite).
+//!
+//! Appends and loads go through cqrs-es's plain event-sourced store (never its snapshot
+//! modes, which apply new events twice). The global feed, which cqrs-es lacks, is ours:
+//! see [`EventFeed`].
+
+mod postgres;
+mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::{PersistedEventStore, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateError, EventStore};
+use postgres_es::PostgresEventRepository;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use sqlite_es::SqliteEventRepository;
+use sqlx::{PgPool, SqlitePool};
+
+use crate::error::{CommandError, StoreError};
+use crate::upcast::upcasters;
+use crate::CommandMeta;
+
+pub use postgres::PostgresFeed;
+pub use sqlite::SqliteFeed;
+
+/// A place in the global feed. On Postgres, `(transaction_id, position)`; on SQLite the
+/// transaction part is always 0 and `position` is the rowid. Ordered lexicographically.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Position {
+    pub transaction_id: i64,
+    pub position: i64,
+}
+
+impl Position {
+    pub const START: Position = Position {
+        transaction_id: 0,
+        position: 0,
+    };
+}
+
+impl std::fmt::Display for Position {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.transaction_id, self.position)
+    }
+}
+
+/// One event as read from the global feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub position: Position,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub metadata: Value,
+    pub recorded_at: DateTime<Utc>,
+}
+
+impl StoredEvent {
+    /// The payload as the current event type, after the registered upcasters have run.
+    pub fn decode<E: DeserializeOwned>(&self) -> Result<E, StoreError> {
+        let mut ser = SerializedEvent::new(
+            self.aggregate_id.clone(),
+            usize::try_from(self.sequence).unwrap_or_default(),
+            self.aggregate_type.clone(),
+            self.event_type.clone(),
+            self.event_version.clone(),
+            self.payload.clone(),
+            self.metadata.clone(),
+        );
+        for up in upcasters() {
+            if up.can_upcast(&ser.event_type, &ser.event_version) {
+                ser = up.upcast(ser);
+            }
+        }
+        serde_json::from_value(ser.payload).map_err(|e| {
+            StoreError(anyhow::Error::new(e).context(format!(
+                "decoding {} v{} at {}",
+                self.event_type, self.event_version, self.position
+            )))
+        })
+    }
+}
+
+/// The global feed: every committed event exactly once, in an order that never changes
+/// once read (an event is never later inserted before a position already returned).
+#[async_trait::async_trait]
+pub trait EventFeed: Send + Sync {
+    /// Up to `limit` events after `after`, oldest first.
+    async fn read_after(&self, after: Position, limit: i64)
+    -> Result<Vec<StoredEvent>, StoreError>;
+    /// The position of the last committed event (`Position::START` when empty) and when it
+    /// was recorded.
+    async fn head(&self) -> Result<Option<(Position, DateTime<Utc>)>, StoreError>;
+    /// How many committed events lie after `after`.
+    async fn count_after(&self, after: Position) -> Result<i64, StoreError>;
+}
+
+/// Where events live. Cheap to clone (pools are shared).
+#[derive(Clone, Debug)]
+pub enum Database {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// Connection settings shared by both adapters.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        PoolSettings {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Database {
+    /// Connect to Postgres (`postgres://…`) or open a SQLite file (`sqlite://path`).
+    pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Database, StoreError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            postgres::connect(url, settings).await.map(Database::Postgres)
+        } else if url.starts_with("sqlite:") {
+            sqlite::connect(url, settings).await.map(Database::Sqlite)
+        } else {
+            Err(StoreError::msg(
+                "database URL must start with postgres:// or sqlite:",
+            ))
+        }
+    }
+
+    /// Apply the embedded migrations. Idempotent.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Database::Postgres(pool) => migrations::POSTGRES
+                .run(pool)
+                .await
+                .context("running Postgres migrations")?,
+            Database::Sqlite(pool) => migrations::SQLITE
+                .run(pool)
+                .await
+                .context("running SQLite migrations")?,
+        }
+        Ok(())
+    }
+
+    /// Can the store be reached right now? (`GET /health`.)
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Database::Postgres(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+            Database::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Database::Postgres(_) => "postgres",
+            Database::Sqlite(_) => "sqlite",
+        }
+    }
+
+    pub fn feed(&self) -> Arc<dyn EventFeed> {
+        match self {
+            Database::Postgres(p) => Arc::new(PostgresFeed::new(p.clone())),
+            Database::Sqlite(p) => Arc::new(SqliteFeed::new(p.clone())),
+        }
+    }
+
+    pub fn aggregates<A: Aggregate + 'static>(&self) -> AggregateStore<A> {
+        AggregateStore::new(self)
+    }
+
+    /// Reserve `email` for `user`. Exactly one concurrent caller wins an email.
+    pub async fn reserve_email(
+        &self,
+        email: &domain::Email,
+        user: domain::UserId,
+    ) -> Result<Reservation, StoreError> {
+        match self {
+            Database::Postgres(p) => postgres::reserve_email(p, email, user).await,
+            Database::Sqlite(p) => sqlite::reserve_email(p, email, user).await,
+        }
+    }
+
+    /// Hand a stale reservation (its registration never committed) to `new_owner`, if it is
+    /// still held by `stale_owner`. Returns whether the hand-over happened.
+    pub async fn take_over_email(
+        &self,
+        email: &domain::Email,
+        stale_owner: domain::UserId,
+        new_owner: domain::UserId,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Database::Postgres(p) => {
+                postgres::take_over_email(p, email, stale_owner, new_owner).await
+            }
+            Database::Sqlite(p) => sqlite::take_over_email(p, email, stale_owner, new_owner).await,
+        }
+    }
+
+    /// Drop `email`'s reservation if `owner` holds it (a failed registration cleans up).
+    pub async fn release_email(
+        &self,
+        email: &domain::Email,
+        owner: domain::UserId,
+    ) -> Result<(), StoreError> {
+        match self {
+            Database::Postgres(p) => postgres::release_email(p, email, owner).await,
+            Database::Sqlite(p) => sqlite::release_email(p, email, owner).await,
+        }
+    }
+
+    /// Which user holds `email`, if any.
+    pub async fn email_owner(
+        &self,
+        email: &domain::Email,
+    ) -> Result<Option<domain::UserId>, StoreError> {
+        match self {
+            Database::Postgres(p) => postgres::email_owner(p, email).await,
+            Database::Sqlite(p) => sqlite::email_owner(p, email).await,
+        }
+    }
+}
+
+/// The result of trying to reserve an email.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reservation {
+    Reserved,
+    HeldBy {
+        user_id: domain::UserId,
+        reserved_at: DateTime<Utc>,
+    },
+}
+
+enum Inner<A: Aggregate> {
+    Postgres(PersistedEventStore<PostgresEventRepository, A>),
+    Sqlite(PersistedEventStore<SqliteEventRepository, A>),
+}
+
+/// Append and load one aggregate type's events.
+pub struct AggregateStore<A: Aggregate> {
+    inner: Arc<Inner<A>>,
+}
+
+impl<A: Aggregate> Clone for AggregateStore<A> {
+    fn clone(&self) -> Self {
+        AggregateStore {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// An aggregate as loaded: its state and the sequence of its last event (0: none yet).
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    pub state: A,
+    pub version: u64,
+}
+
+/// A committed command: the aggregate's version afterwards and how many events it wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub version: u64,
+    pub events: usize,
+}
+
+fn store_error<E: std::error::Error>(e: AggregateError<E>) -> StoreError {
+    match e {
+        AggregateError::DatabaseConnectionError(e)
+        | AggregateError::DeserializationError(e)
+        | AggregateError::UnexpectedError(e) => StoreError(anyhow::anyhow!(e)),
+        AggregateError::AggregateConflict => StoreError::msg("unexpected aggregate conflict"),
+        AggregateError::UserError(e) => StoreError::msg(format!("unexpected user error: {e}")),
+    }
+}
+
+impl<A: Aggregate + 'static> AggregateStore<A> {
+    fn new(db: &Database) -> Self {
+        let inner = match db {
+            Database::Postgres(pool) => Inner::Postgres(
+                PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
+                    .with_upcasters(upcasters()),
+            ),
+            Database::Sqlite(pool) => Inner::Sqlite(
+                PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
+                    .with_upcasters(upcasters()),
+            ),
+        };
+        AggregateStore {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The aggregate's current state, folded from all its events.
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, StoreError> {
+        let ctx = match &*self.inner {
+            Inner::Postgres(s) => s.load_aggregate(id).await,
+            Inner::Sqlite(s) => s.load_aggregate(id).await,
+        }
+        .map_err(store_error)?;
+        Ok(Loaded {
+            state: ctx.aggregate,
+            version: ctx.current_sequence as u64,
+        })
+    }
+
+    /// Load, decide, append. `expected` is the version the caller last saw (`If-Match`);
+    /// when given and different, nothing is written. Two writers at one version: exactly one
+    /// commits, the other gets `CommandError::Conflict`.
+    pub async fn execute(
+        &self,
+        id: &str,
+        command: A::Command,
+        services: &A::Services,
+        expected: Option<u64>,
+        meta: &CommandMeta,
+    ) -> Result<Committed, CommandError<A::Error>> {
+        match &*self.inner {
+            Inner::Postgres(s) => execute_on(s, id, command, services, expected, meta).await,
+            Inner::Sqlite(s) => execute_on(s, id, command, services, expected, meta).await,
+        }
+    }
+
+    /// Every event of one aggregate, in order (audits, tests).
+    pub async fn events(&self, id: &str) -> Result<Vec<(u64, A::Event)>, StoreError> {
+        let envelopes = match &*self.inner {
+            Inner::Postgres(s) => s.load_events(id).await,
+            Inner::Sqlite(s) => s.load_events(id).await,
+        }
+        .map_err(store_error)?;
+        Ok(envelopes
+            .into_iter()
+            .map(|e| (e.sequence as u64, e.payload))
+            .collect())
+    }
+}
+
+async fn execute_on<S, A>(
+    store: &S,
+    id: &str,
+    command: A::Command,
+    services: &A::Services,
+    expected: Option<u64>,
+    meta: &CommandMeta,
+) -> Result<Committed, CommandError<A::Error>>
+where
+    A: Aggregate,
+    S: EventStore<A, AC = cqrs_es::persist::EventStoreAggregateContext<A>>,
+{
+    let mut ctx = store.load_aggregate(id).await.map_err(store_error)?;
+    let before = ctx.current_sequence as u64;
+    if let Some(expected) = expected
+        && expected != before
+    {
+        return Err(CommandError::StaleVersion {
+            expected,
+            actual: before,
+        });
+    }
+    let sink = cqrs_es::event_sink::EventSink::default();
+    ctx.aggregate
+        .handle(command, services, &sink)
+        .await
+        .map_err(CommandError::Rejected)?;
+    let events = sink.collect().await;
+    let n = events.len();
+    if n == 0 {
+        return Ok(Committed {
+            version: before,
+            events: 0,
+        });
+    }
+    let metadata: HashMap<String, String> = meta.to_map();
+    match store.commit(events, ctx, metadata).await {
+        Ok(_) => Ok(Committed {
+            version: before + n as u64,
+            events: n,
+        }),
+        Err(AggregateError::AggregateConflict) => Err(CommandError::Conflict),
+        Err(e) => Err(CommandError::Store(store_error(e))),
+    }
+}

@@ -1,0 +1,200 @@
+//! The Postgres adapter: pool setup, the gap-safe feed and the email reservations.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+
+use super::{EventFeed, PoolSettings, Position, Reservation, StoredEvent};
+use crate::error::StoreError;
+
+pub(super) async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, StoreError> {
+    let options = PgConnectOptions::from_str(url)
+        .context("parsing the Postgres URL")?
+        .application_name("karmic")
+        // An idle open transaction holds back every projection (the feed reads below the
+        // oldest running transaction); never let one linger.
+        .options([("idle_in_transaction_session_timeout", "10s")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect_with(options)
+        .await
+        .context("connecting to Postgres")?;
+    Ok(pool)
+}
+
+/// The global feed on Postgres.
+///
+/// `position` comes from an identity column, handed out at insert time; transactions can
+/// commit in another order than their positions. A reader that kept only `position > last`
+/// would skip an event whose transaction began earlier but committed later. So the feed
+/// orders by `(transaction_id, position)` and only returns rows whose transaction is older
+/// than every transaction still running (`pg_snapshot_xmin`): no new row can ever appear
+/// below that line, so a checkpoint there is final.
+pub struct PostgresFeed {
+    pool: PgPool,
+}
+
+impl PostgresFeed {
+    pub fn new(pool: PgPool) -> Self {
+        PostgresFeed { pool }
+    }
+}
+
+fn row_to_event(row: PgRow) -> Result<StoredEvent, StoreError> {
+    Ok(StoredEvent {
+        position: Position {
+            transaction_id: row.try_get("tx")?,
+            position: row.try_get("position")?,
+        },
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: row.try_get("payload")?,
+        metadata: row.try_get("metadata")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+#[async_trait::async_trait]
+impl EventFeed for PostgresFeed {
+    async fn read_after(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT transaction_id::text::bigint AS tx, position, aggregate_type, aggregate_id,
+                    sequence, event_type, event_version, payload, metadata, recorded_at
+               FROM events
+              WHERE (transaction_id, position) > ($1::text::xid8, $2)
+                AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+              ORDER BY transaction_id, position
+              LIMIT $3",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the event feed")?;
+        rows.into_iter().map(row_to_event).collect()
+    }
+
+    async fn head(&self) -> Result<Option<(Position, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT transaction_id::text::bigint AS tx, position, recorded_at
+               FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading the feed head")?;
+        row.map(|r| {
+            Ok((
+                Position {
+                    transaction_id: r.try_get("tx")?,
+                    position: r.try_get("position")?,
+                },
+                r.try_get("recorded_at")?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn count_after(&self, after: Position) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)",
+        )
+        .bind(after.transaction_id.to_string())
+        .bind(after.position)
+        .fetch_one(&self.pool)
+        .await
+        .context("counting the feed")?;
+        Ok(n)
+    }
+}
+
+pub(super) async fn reserve_email(
+    pool: &PgPool,
+    email: &domain::Email,
+    user: domain::UserId,
+) -> Result<Reservation, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO email_reservations (email, user_id) VALUES ($1, $2)
+         ON CONFLICT (email) DO NOTHING",
+    )
+    .bind(email.as_str())
+    .bind(user.as_uuid())
+    .execute(pool)
+    .await
+    .context("reserving an email")?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Reservation::Reserved);
+    }
+    let row = sqlx::query("SELECT user_id, reserved_at FROM email_reservations WHERE email = $1")
+        .bind(email.as_str())
+        .fetch_optional(pool)
+        .await
+        .context("reading an email reservation")?;
+    match row {
+        Some(r) => Ok(Reservation::HeldBy {
+            user_id: domain::UserId::from_uuid(r.try_get("user_id")?),
+            reserved_at: r.try_get("reserved_at")?,
+        }),
+        // Released between our insert and select: the caller may simply try again.
+        None => Box::pin(reserve_email(pool, email, user)).await,
+    }
+}
+
+pub(super) async fn take_over_email(
+    pool: &PgPool,
+    email: &domain::Email,
+    stale_owner: domain::UserId,
+    new_owner: domain::UserId,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE email_reservations SET user_id = $3, reserved_at = now()
+          WHERE email = $1 AND user_id = $2",
+    )
+    .bind(email.as_str())
+    .bind(stale_owner.as_uuid())
+    .bind(new_owner.as_uuid())
+    .execute(pool)
+    .await
+    .context("taking over an email reservation")?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+pub(super) async fn release_email(
+    pool: &PgPool,
+    email: &domain::Email,
+    owner: domain::UserId,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM email_reservations WHERE email = $1 AND user_id = $2")
+        .bind(email.as_str())
+        .bind(owner.as_uuid())
+        .execute(pool)
+        .await
+        .context("releasing an email reservation")?;
+    Ok(())
+}
+
+pub(super) async fn email_owner(
+    pool: &PgPool,
+    email: &domain::Email,
+) -> Result<Option<domain::UserId>, StoreError> {
+    let id: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT user_id FROM email_reservations WHERE email = $1")
+            .bind(email.as_str())
+            .fetch_optional(pool)
+            .await
+            .context("looking up an email")?;
+    Ok(id.map(domain::UserId::from_uuid))
+}

@@ -1,0 +1,205 @@
+//! The SQLite adapter (embedded default): pool setup, the feed and the email reservations.
+
+use std::str::FromStr;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, SqlitePool};
+
+use super::{EventFeed, PoolSettings, Position, Reservation, StoredEvent};
+use crate::error::StoreError;
+
+pub(super) async fn connect(url: &str, settings: &PoolSettings) -> Result<SqlitePool, StoreError> {
+    let options = SqliteConnectOptions::from_str(url)
+        .context("parsing the SQLite URL")?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: a command acknowledged with a 2xx is on disk, even across a power cut.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .foreign_keys(true);
+    let pool = SqlitePoolOptions::new()
+        .max_connections(settings.max_connections)
+        .acquire_timeout(settings.acquire_timeout)
+        .connect_with(options)
+        .await
+        .context("opening the SQLite database")?;
+    Ok(pool)
+}
+
+/// The global feed on SQLite: rowid order. SQLite admits one writer at a time, so a
+/// transaction's rows get rowids above every row committed before it; none is ever skipped.
+pub struct SqliteFeed {
+    pool: SqlitePool,
+}
+
+impl SqliteFeed {
+    pub fn new(pool: SqlitePool) -> Self {
+        SqliteFeed { pool }
+    }
+}
+
+pub(crate) fn parse_time(s: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .with_context(|| format!("parsing timestamp {s:?}"))
+        .map_err(StoreError)
+}
+
+fn row_to_event(row: SqliteRow) -> Result<StoredEvent, StoreError> {
+    let payload: String = row.try_get("payload")?;
+    let metadata: String = row.try_get("metadata")?;
+    let recorded_at: String = row.try_get("recorded_at")?;
+    Ok(StoredEvent {
+        position: Position {
+            transaction_id: 0,
+            position: row.try_get("position")?,
+        },
+        aggregate_type: row.try_get("aggregate_type")?,
+        aggregate_id: row.try_get("aggregate_id")?,
+        sequence: row.try_get("sequence")?,
+        event_type: row.try_get("event_type")?,
+        event_version: row.try_get("event_version")?,
+        payload: serde_json::from_str(&payload).context("event payload")?,
+        metadata: serde_json::from_str(&metadata).context("event metadata")?,
+        recorded_at: parse_time(&recorded_at)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl EventFeed for SqliteFeed {
+    async fn read_after(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT rowid AS position, aggregate_type, aggregate_id, sequence, event_type,
+                    event_version, payload, metadata, recorded_at
+               FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        )
+        .bind(after.position)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .context("reading the event feed")?;
+        rows.into_iter().map(row_to_event).collect()
+    }
+
+    async fn head(&self) -> Result<Option<(Position, DateTime<Utc>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT rowid AS position, recorded_at FROM events ORDER BY rowid DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await
+        .context("reading the feed head")?;
+        row.map(|r| {
+            let at: String = r.try_get("recorded_at")?;
+            Ok((
+                Position {
+                    transaction_id: 0,
+                    position: r.try_get("position")?,
+                },
+                parse_time(&at)?,
+            ))
+        })
+        .transpose()
+    }
+
+    async fn count_after(&self, after: Position) -> Result<i64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE rowid > ?")
+            .bind(after.position)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting the feed")?;
+        Ok(n)
+    }
+}
+
+pub(super) async fn reserve_email(
+    pool: &SqlitePool,
+    email: &domain::Email,
+    user: domain::UserId,
+) -> Result<Reservation, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO email_reservations (email, user_id) VALUES (?, ?)
+         ON CONFLICT (email) DO NOTHING",
+    )
+    .bind(email.as_str())
+    .bind(user.to_string())
+    .execute(pool)
+    .await
+    .context("reserving an email")?
+    .rows_affected();
+    if inserted == 1 {
+        return Ok(Reservation::Reserved);
+    }
+    let row = sqlx::query("SELECT user_id, reserved_at FROM email_reservations WHERE email = ?")
+        .bind(email.as_str())
+        .fetch_optional(pool)
+        .await
+        .context("reading an email reservation")?;
+    match row {
+        Some(r) => {
+            let id: String = r.try_get("user_id")?;
+            let at: String = r.try_get("reserved_at")?;
+            Ok(Reservation::HeldBy {
+                user_id: domain::UserId::parse(&id).map_err(|e| StoreError::msg(e))?,
+                reserved_at: parse_time(&at)?,
+            })
+        }
+        None => Box::pin(reserve_email(pool, email, user)).await,
+    }
+}
+
+pub(super) async fn take_over_email(
+    pool: &SqlitePool,
+    email: &domain::Email,
+    stale_owner: domain::UserId,
+    new_owner: domain::UserId,
+) -> Result<bool, StoreError> {
+    let n = sqlx::query(
+        "UPDATE email_reservations
+            SET user_id = ?, reserved_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+          WHERE email = ? AND user_id = ?",
+    )
+    .bind(new_owner.to_string())
+    .bind(email.as_str())
+    .bind(stale_owner.to_string())
+    .execute(pool)
+    .await
+    .context("taking over an email reservation")?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+pub(super) async fn release_email(
+    pool: &SqlitePool,
+    email: &domain::Email,
+    owner: domain::UserId,
+) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM email_reservations WHERE email = ? AND user_id = ?")
+        .bind(email.as_str())
+        .bind(owner.to_string())
+        .execute(pool)
+        .await
+        .context("releasing an email reservation")?;
+    Ok(())
+}
+
+pub(super) async fn email_owner(
+    pool: &SqlitePool,
+    email: &domain::Email,
+) -> Result<Option<domain::UserId>, StoreError> {
+    let id: Option<String> =
+        sqlx::query_scalar("SELECT user_id FROM email_reservations WHERE email = ?")
+            .bind(email.as_str())
+            .fetch_optional(pool)
+            .await
+            .context("looking up an email")?;
+    id.map(|s| domain::UserId::parse(&s).map_err(StoreError::msg))
+        .transpose()
+}

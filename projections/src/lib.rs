@@ -1,0 +1,17 @@
+//! Projections: durable catch-up subscriptions over the global event feed, and the read
+//! models they maintain.
+//!
+//! A projection reads the feed from its stored checkpoint, applies each batch idempotently
+//! (every read-model row remembers the last aggregate sequence it applied and ignores older
+//! or equal ones) and then advances its checkpoint. A crash between apply and checkpoint
+//! re-applies a batch, which changes nothing. One driver per projection at a time: a
+//! Postgres advisory lock (an in-process lock on SQLite).
+
+pub mod checkpoint;
+pub mod engine;
+pub mod provisioner;
+pub mod read_models;
+
+pub use checkpoint::CheckpointStore;
+pub use engine::{Projection, Projector, ProjectorSettings};
+pub use read_models::{ProfileView, ReadModels, UserView};

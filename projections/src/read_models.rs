@@ -1,0 +1,402 @@
+//! The read models of users and profiles, and the projections that fill them.
+//!
+//! Every write is guarded by the aggregate sequence it comes from (`version`): a row only
+//! changes when the event is newer than what the row already holds, so replays and
+//! duplicate deliveries are harmless.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use chrono::{DateTime, Utc};
+use commands::{Database, StoredEvent};
+use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
+use cqrs_es::Aggregate;
+use serde::Serialize;
+use sqlx::{PgPool, Row, SqlitePool};
+
+use crate::engine::Projection;
+
+/// A user as listed to admins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UserView {
+    pub user_id: UserId,
+    pub email: String,
+    pub is_admin: bool,
+    pub active: bool,
+    pub registered_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// A profile as read by `GET /profiles/{id}`. `version` is the profile aggregate's
+/// sequence, exposed as the `ETag`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ProfileView {
+    pub user_id: UserId,
+    pub display_name: String,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub location: Option<String>,
+    pub website: Option<String>,
+    pub version: i64,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl ProfileView {
+    /// The view after `event`, which is at `sequence` of the profile `user_id`. Profile
+    /// events carry the complete state, so no earlier state is needed.
+    pub fn from_event(
+        user_id: UserId,
+        event: ProfileEvent,
+        sequence: i64,
+        at: DateTime<Utc>,
+    ) -> ProfileView {
+        let mut p = Profile::default();
+        p.apply(event);
+        ProfileView {
+            user_id,
+            display_name: p.display_name,
+            bio: p.bio,
+            avatar_url: p.avatar_url,
+            location: p.location,
+            website: p.website,
+            version: sequence,
+            updated_at: at,
+        }
+    }
+}
+
+/// The SQL read models (users and profiles), on Postgres or SQLite.
+#[derive(Clone, Debug)]
+pub enum ReadModels {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    Ok(DateTime::parse_from_rfc3339(s)
+        .with_context(|| format!("parsing timestamp {s:?}"))?
+        .with_timezone(&Utc))
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+impl ReadModels {
+    pub fn new(db: &Database) -> Self {
+        match db {
+            Database::Postgres(p) => ReadModels::Postgres(p.clone()),
+            Database::Sqlite(p) => ReadModels::Sqlite(p.clone()),
+        }
+    }
+
+    pub async fn user(&self, id: UserId) -> Result<Option<UserView>> {
+        match self {
+            ReadModels::Postgres(p) => sqlx::query(
+                "SELECT user_id, email, is_admin, active, registered_at, version
+                   FROM users_view WHERE user_id = $1",
+            )
+            .bind(id.as_uuid())
+            .fetch_optional(p)
+            .await?
+            .map(|r| pg_user(&r))
+            .transpose(),
+            ReadModels::Sqlite(p) => sqlx::query(
+                "SELECT user_id, email, is_admin, active, registered_at, version
+                   FROM users_view WHERE user_id = ?",
+            )
+            .bind(id.to_string())
+            .fetch_optional(p)
+            .await?
+            .map(|r| sqlite_user(&r))
+            .transpose(),
+        }
+    }
+
+    /// Users in id order (ids are UUIDv7, so registration order), after `after`.
+    pub async fn users(&self, after: Option<UserId>, limit: i64) -> Result<Vec<UserView>> {
+        match self {
+            ReadModels::Postgres(p) => sqlx::query(
+                "SELECT user_id, email, is_admin, active, registered_at, version
+                   FROM users_view WHERE $1::uuid IS NULL OR user_id > $1
+                  ORDER BY user_id LIMIT $2",
+            )
+            .bind(after.map(|a| a.as_uuid()))
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(pg_user)
+            .collect(),
+            ReadModels::Sqlite(p) => sqlx::query(
+                "SELECT user_id, email, is_admin, active, registered_at, version
+                   FROM users_view WHERE ?1 IS NULL OR user_id > ?1
+                  ORDER BY user_id LIMIT ?2",
+            )
+            .bind(after.map(|a| a.to_string()))
+            .bind(limit)
+            .fetch_all(p)
+            .await?
+            .iter()
+            .map(sqlite_user)
+            .collect(),
+        }
+    }
+
+    async fn apply_user_event(&self, e: &StoredEvent, event: UserEvent) -> Result<()> {
+        let id = UserId::parse(&e.aggregate_id).context("user aggregate id")?;
+        let seq = e.sequence;
+        match self {
+            ReadModels::Postgres(p) => {
+                let q = match event {
+                    UserEvent::UserRegistered { email, .. } => sqlx::query(
+                        "INSERT INTO users_view (user_id, email, registered_at, version)
+                         VALUES ($1, $3, $4, $2)
+                         ON CONFLICT (user_id) DO UPDATE
+                            SET email = EXCLUDED.email, registered_at = EXCLUDED.registered_at,
+                                version = EXCLUDED.version
+                          WHERE users_view.version < EXCLUDED.version",
+                    )
+                    .bind(id.as_uuid())
+                    .bind(seq)
+                    .bind(email)
+                    .bind(e.recorded_at),
+                    UserEvent::PasswordChanged { .. } => sqlx::query(
+                        "UPDATE users_view SET version = $2 WHERE user_id = $1 AND version < $2",
+                    )
+                    .bind(id.as_uuid())
+                    .bind(seq),
+                    UserEvent::AdminRoleGranted | UserEvent::AdminRoleRevoked => sqlx::query(
+                        "UPDATE users_view SET is_admin = $3, version = $2
+                          WHERE user_id = $1 AND version < $2",
+                    )
+                    .bind(id.as_uuid())
+                    .bind(seq)
+                    .bind(matches!(event, UserEvent::AdminRoleGranted)),
+                    UserEvent::UserDeactivated => sqlx::query(
+                        "UPDATE users_view SET active = false, version = $2
+                          WHERE user_id = $1 AND version < $2",
+                    )
+                    .bind(id.as_uuid())
+                    .bind(seq),
+                };
+                q.execute(p).await.context("updating users_view")?;
+            }
+            ReadModels::Sqlite(p) => {
+                let q = match event {
+                    UserEvent::UserRegistered { email, .. } => sqlx::query(
+                        "INSERT INTO users_view (user_id, email, registered_at, version)
+                         VALUES (?1, ?3, ?4, ?2)
+                         ON CONFLICT (user_id) DO UPDATE
+                            SET email = excluded.email, registered_at = excluded.registered_at,
+                                version = excluded.version
+                          WHERE users_view.version < excluded.version",
+                    )
+                    .bind(id.to_string())
+                    .bind(seq)
+                    .bind(email)
+                    .bind(ts(e.recorded_at)),
+                    UserEvent::PasswordChanged { .. } => sqlx::query(
+                        "UPDATE users_view SET version = ?2 WHERE user_id = ?1 AND version < ?2",
+                    )
+                    .bind(id.to_string())
+                    .bind(seq),
+                    UserEvent::AdminRoleGranted | UserEvent::AdminRoleRevoked => sqlx::query(
+                        "UPDATE users_view SET is_admin = ?3, version = ?2
+                          WHERE user_id = ?1 AND version < ?2",
+                    )
+                    .bind(id.to_string())
+                    .bind(seq)
+                    .bind(matches!(event, UserEvent::AdminRoleGranted)),
+                    UserEvent::UserDeactivated => sqlx::query(
+                        "UPDATE users_view SET active = 0, version = ?2
+                          WHERE user_id = ?1 AND version < ?2",
+                    )
+                    .bind(id.to_string())
+                    .bind(seq),
+                };
+                q.execute(p).await.context("updating users_view")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn pg_user(r: &sqlx::postgres::PgRow) -> Result<UserView> {
+    Ok(UserView {
+        user_id: UserId::from_uuid(r.try_get("user_id")?),
+        email: r.try_get("email")?,
+        is_admin: r.try_get("is_admin")?,
+        active: r.try_get("active")?,
+        registered_at: r.try_get("registered_at")?,
+        version: r.try_get("version")?,
+    })
+}
+
+fn sqlite_user(r: &sqlx::sqlite::SqliteRow) -> Result<UserView> {
+    let id: String = r.try_get("user_id")?;
+    let at: String = r.try_get("registered_at")?;
+    Ok(UserView {
+        user_id: UserId::parse(&id)?,
+        email: r.try_get("email")?,
+        is_admin: r.try_get("is_admin")?,
+        active: r.try_get("active")?,
+        registered_at: parse_time(&at)?,
+        version: r.try_get("version")?,
+    })
+}
+
+/// The profile read-model port. Adapters: SQL (here) and, in the AWS configuration,
+/// DocumentDB.
+#[async_trait::async_trait]
+pub trait ProfileStore: Send + Sync {
+    async fn get(&self, id: UserId) -> Result<Option<ProfileView>>;
+    /// Store `view` unless the stored one has the same or a higher version.
+    async fn upsert(&self, view: &ProfileView) -> Result<()>;
+}
+
+#[async_trait::async_trait]
+impl ProfileStore for ReadModels {
+    async fn get(&self, id: UserId) -> Result<Option<ProfileView>> {
+        const COLS: &str =
+            "user_id, display_name, bio, avatar_url, location, website, version, updated_at";
+        match self {
+            ReadModels::Postgres(p) => {
+                let row = sqlx::query(&format!(
+                    "SELECT {COLS} FROM profiles_view WHERE user_id = $1"
+                ))
+                .bind(id.as_uuid())
+                .fetch_optional(p)
+                .await?;
+                row.map(|r| -> Result<ProfileView> {
+                    Ok(ProfileView {
+                        user_id: UserId::from_uuid(r.try_get("user_id")?),
+                        display_name: r.try_get("display_name")?,
+                        bio: r.try_get("bio")?,
+                        avatar_url: r.try_get("avatar_url")?,
+                        location: r.try_get("location")?,
+                        website: r.try_get("website")?,
+                        version: r.try_get("version")?,
+                        updated_at: r.try_get("updated_at")?,
+                    })
+                })
+                .transpose()
+            }
+            ReadModels::Sqlite(p) => {
+                let row = sqlx::query(&format!(
+                    "SELECT {COLS} FROM profiles_view WHERE user_id = ?"
+                ))
+                .bind(id.to_string())
+                .fetch_optional(p)
+                .await?;
+                row.map(|r| -> Result<ProfileView> {
+                    let uid: String = r.try_get("user_id")?;
+                    let at: String = r.try_get("updated_at")?;
+                    Ok(ProfileView {
+                        user_id: UserId::parse(&uid)?,
+                        display_name: r.try_get("display_name")?,
+                        bio: r.try_get("bio")?,
+                        avatar_url: r.try_get("avatar_url")?,
+                        location: r.try_get("location")?,
+                        website: r.try_get("website")?,
+                        version: r.try_get("version")?,
+                        updated_at: parse_time(&at)?,
+                    })
+                })
+                .transpose()
+            }
+        }
+    }
+
+    async fn upsert(&self, v: &ProfileView) -> Result<()> {
+        match self {
+            ReadModels::Postgres(p) => {
+                sqlx::query(
+                    "INSERT INTO profiles_view
+                        (user_id, display_name, bio, avatar_url, location, website, version, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                     ON CONFLICT (user_id) DO UPDATE
+                        SET display_name = EXCLUDED.display_name, bio = EXCLUDED.bio,
+                            avatar_url = EXCLUDED.avatar_url, location = EXCLUDED.location,
+                            website = EXCLUDED.website, version = EXCLUDED.version,
+                            updated_at = EXCLUDED.updated_at
+                      WHERE profiles_view.version < EXCLUDED.version",
+                )
+                .bind(v.user_id.as_uuid())
+                .bind(&v.display_name)
+                .bind(&v.bio)
+                .bind(&v.avatar_url)
+                .bind(&v.location)
+                .bind(&v.website)
+                .bind(v.version)
+                .bind(v.updated_at)
+                .execute(p)
+                .await
+                .context("upserting profiles_view")?;
+            }
+            ReadModels::Sqlite(p) => {
+                sqlx::query(
+                    "INSERT INTO profiles_view
+                        (user_id, display_name, bio, avatar_url, location, website, version, updated_at)
+                     VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (user_id) DO UPDATE
+                        SET display_name = excluded.display_name, bio = excluded.bio,
+                            avatar_url = excluded.avatar_url, location = excluded.location,
+                            website = excluded.website, version = excluded.version,
+                            updated_at = excluded.updated_at
+                      WHERE profiles_view.version < excluded.version",
+                )
+                .bind(v.user_id.to_string())
+                .bind(&v.display_name)
+                .bind(&v.bio)
+                .bind(&v.avatar_url)
+                .bind(&v.location)
+                .bind(&v.website)
+                .bind(v.version)
+                .bind(ts(v.updated_at))
+                .execute(p)
+                .await
+                .context("upserting profiles_view")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Projection: the users read model.
+pub struct UsersProjection(pub ReadModels);
+
+#[async_trait::async_trait]
+impl Projection for UsersProjection {
+    fn name(&self) -> &'static str {
+        "users"
+    }
+
+    async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
+        for e in events.iter().filter(|e| e.aggregate_type == User::TYPE) {
+            let event: UserEvent = e.decode()?;
+            self.0.apply_user_event(e, event).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Projection: the profiles read model, into whichever store is configured.
+pub struct ProfilesProjection(pub Arc<dyn ProfileStore>);
+
+#[async_trait::async_trait]
+impl Projection for ProfilesProjection {
+    fn name(&self) -> &'static str {
+        "profiles"
+    }
+
+    async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
+        for e in events.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
+            let event: ProfileEvent = e.decode()?;
+            let id = UserId::parse(&e.aggregate_id).context("profile aggregate id")?;
+            let view = ProfileView::from_event(id, event, e.sequence, e.recorded_at);
+            self.0.upsert(&view).await?;
+        }
+        Ok(())
+    }
+}
