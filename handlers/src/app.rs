@@ -1,0 +1,357 @@
+//! Composition: the services a process needs, the one router, and the local server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::extract::{FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::routing::{get, post};
+use axum::Router;
+use commands::accounts::Accounts;
+use commands::password::{HashingParams, PasswordHasher};
+use commands::profiles::Profiles;
+use commands::store::PoolSettings;
+use commands::{AfterCommit, CommandMeta, Database, NoAfterCommit};
+use domain::Email;
+use projections::checkpoint::CheckpointStore;
+use projections::provisioner::ProfileProvisioner;
+use projections::read_models::{ProfileStore, ProfilesProjection, UsersProjection};
+use projections::{Projection, Projector, ProjectorSettings, ReadModels};
+use secrecy::SecretString;
+use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::info;
+
+use crate::auth::{HmacTokens, SharedVerifier};
+use crate::config::Settings;
+use crate::problem::ApiError;
+use crate::routes;
+
+/// Everything a handler may use. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Database,
+    pub accounts: Accounts,
+    pub profiles: Profiles,
+    pub read_models: ReadModels,
+    pub profile_reader: Arc<dyn ProfileStore>,
+    pub tokens: Arc<HmacTokens>,
+    pub verifier: SharedVerifier,
+}
+
+/// The request id (set by the request-id layer) as command metadata.
+pub struct RequestMeta(pub Option<String>);
+
+impl RequestMeta {
+    pub fn command(&self) -> CommandMeta {
+        CommandMeta {
+            request_id: self.0.clone(),
+            actor: None,
+        }
+    }
+}
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestMeta {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(RequestMeta(
+            parts
+                .headers
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        ))
+    }
+}
+
+/// Which routes a process serves: all of them (local server) or one Lambda service's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    All,
+    Auth,
+    Users,
+    Profiles,
+}
+
+/// The one router. The local server and every Lambda function are built from this.
+pub fn router(state: AppState, service: Service, settings: &Settings) -> Router {
+    let mut r = Router::new()
+        .route("/health", get(routes::health::health))
+        .route("/openapi.json", get(crate::openapi::serve));
+    if matches!(service, Service::All | Service::Auth) {
+        r = r
+            .route("/auth/register", post(routes::auth::register))
+            .route("/auth/login", post(routes::auth::login));
+    }
+    if matches!(service, Service::All | Service::Users) {
+        r = r
+            .route("/users", get(routes::users::list_users))
+            .route("/users/{id}", get(routes::users::get_user));
+    }
+    if matches!(service, Service::All | Service::Profiles) {
+        r = r.route(
+            "/profiles/{id}",
+            get(routes::profiles::get_profile).put(routes::profiles::put_profile),
+        );
+    }
+    r.fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(settings.body_limit_bytes))
+        .layer(cors(settings))
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                "handler panicked"
+            )))
+        }))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                let request_id = req
+                    .headers()
+                    .get(&REQUEST_ID)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-");
+                tracing::info_span!(
+                    "request",
+                    method = %req.method(),
+                    path = %req.uri().path(),
+                    request_id,
+                    user_id = tracing::field::Empty,
+                )
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
+        .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
+}
+
+fn cors(settings: &Settings) -> CorsLayer {
+    let origins: Vec<HeaderValue> = settings
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::IF_MATCH,
+            header::IF_NONE_MATCH,
+            REQUEST_ID.clone(),
+        ])
+        .expose_headers([header::ETAG, header::LOCATION, REQUEST_ID.clone()])
+        .max_age(Duration::from_secs(600))
+}
+
+/// The services of one process, built from settings: store, projector, application
+/// services. Shared by `karmic serve`, the Lambda functions and the CLI.
+pub struct Runtime {
+    pub settings: Settings,
+    pub state: AppState,
+    pub projector: Projector,
+}
+
+impl Runtime {
+    pub async fn build(settings: Settings) -> Result<Runtime> {
+        let db = connect(&settings).await?;
+        if settings.auto_migrate {
+            db.migrate().await?;
+        }
+        let secret = jwt_secret(&settings)?;
+        let hasher = PasswordHasher::new(HashingParams {
+            memory_kib: settings.argon2_memory_kib,
+            iterations: settings.argon2_iterations,
+            parallelism: settings.argon2_parallelism,
+        })?;
+        let bootstrap = settings
+            .bootstrap_admin_email
+            .as_deref()
+            .map(Email::parse)
+            .transpose()
+            .context("KARMIC_BOOTSTRAP_ADMIN_EMAIL is not a valid email")?;
+        let read_models = ReadModels::new(&db);
+        let profile_store: Arc<dyn ProfileStore> = Arc::new(read_models.clone());
+
+        // The provisioner issues commands; its own commits need no read-your-writes wait.
+        let provisioner_accounts =
+            Accounts::new(db.clone(), hasher.clone(), bootstrap.clone(), Arc::new(NoAfterCommit));
+        let projections: Vec<Arc<dyn Projection>> = vec![
+            Arc::new(UsersProjection(read_models.clone())),
+            Arc::new(ProfilesProjection(profile_store.clone())),
+            Arc::new(ProfileProvisioner(provisioner_accounts)),
+        ];
+        let projector = Projector::new(
+            db.feed(),
+            CheckpointStore::new(&db),
+            projections,
+            ProjectorSettings {
+                poll_interval: settings.projection_poll,
+                ..ProjectorSettings::default()
+            },
+        );
+        let after_commit: Arc<dyn AfterCommit> = Arc::new(projector.clone());
+        let tokens = Arc::new(HmacTokens::new(
+            &secret,
+            &settings.jwt_issuer,
+            &settings.jwt_audience,
+            settings.token_ttl,
+        ));
+        let state = AppState {
+            accounts: Accounts::new(db.clone(), hasher, bootstrap, after_commit.clone()),
+            profiles: Profiles::new(&db, after_commit),
+            read_models,
+            profile_reader: profile_store,
+            verifier: tokens.clone(),
+            tokens,
+            db,
+        };
+        Ok(Runtime {
+            settings,
+            state,
+            projector,
+        })
+    }
+
+    pub fn router(&self, service: Service) -> Router {
+        router(self.state.clone(), service, &self.settings)
+    }
+}
+
+async fn connect(settings: &Settings) -> Result<Database> {
+    if settings.is_embedded() {
+        std::fs::create_dir_all(&settings.data_dir).with_context(|| {
+            format!("creating the data directory {}", settings.data_dir.display())
+        })?;
+    }
+    let pool = PoolSettings {
+        max_connections: settings.db_max_connections,
+        ..PoolSettings::default()
+    };
+    Ok(Database::connect(&settings.database_url(), &pool).await?)
+}
+
+/// The configured JWT secret; in embedded mode one is generated on first start and kept
+/// in the data directory (so tokens survive restarts). Postgres mode refuses to start
+/// without one: several processes must share it.
+fn jwt_secret(settings: &Settings) -> Result<SecretString> {
+    if let Some(s) = &settings.jwt_secret {
+        return Ok(s.clone());
+    }
+    if !settings.is_embedded() {
+        anyhow::bail!("KARMIC_JWT_SECRET must be set when KARMIC_DATABASE_URL is (at least 32 bytes)");
+    }
+    let path = settings.data_dir.join("jwt-secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned().into()),
+        Ok(_) => anyhow::bail!("{} is too short; delete it to have a new one made", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let secret = hex::encode(bytes);
+    write_private(&path, &secret)?;
+    info!(path = %path.display(), "generated a JWT secret for the embedded configuration");
+    Ok(secret.into())
+}
+
+fn write_private(path: &std::path::Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The local HTTP server: the router on a TCP listener plus the background projector.
+pub struct Application {
+    runtime: Runtime,
+    listener: TcpListener,
+}
+
+impl Application {
+    /// Bind the listener (port 0 picks a free port; see [`Application::port`]).
+    pub async fn build(settings: Settings) -> Result<Application> {
+        let runtime = Runtime::build(settings).await?;
+        let listener = TcpListener::bind(runtime.settings.http_addr)
+            .await
+            .with_context(|| format!("binding {}", runtime.settings.http_addr))?;
+        Ok(Application { runtime, listener })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// Serve until `shutdown` resolves, then drain in-flight requests and stop the
+    /// projector.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let projector = self.runtime.projector.clone();
+        let mut rx_proj = rx.clone();
+        let proj_task = tokio::spawn(projector.run(async move {
+            let _ = rx_proj.wait_for(|s| *s).await;
+        }));
+        // Catch up at once: events committed while we were down are projected now.
+        self.runtime.projector.nudge();
+        let app = self.runtime.router(Service::All);
+        info!(addr = %self.listener.local_addr()?, "listening");
+        let mut rx_srv = rx;
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+            let _ = rx_srv.wait_for(|s| *s).await;
+        });
+        let trigger = tokio::spawn(async move {
+            shutdown.await;
+            info!("shutting down");
+            let _ = tx.send(true);
+        });
+        server.await.context("serving HTTP")?;
+        trigger.abort();
+        let _ = proj_task.await;
+        Ok(())
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

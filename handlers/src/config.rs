@@ -1,0 +1,361 @@
+//! Configuration: defaults, then an optional TOML file (`KARMIC_CONFIG_FILE`), then
+//! `KARMIC_*` environment variables. Secrets are wrapped so they never print.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+/// Everything a Karmic process can be told.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where the embedded configuration keeps its files (`KARMIC_DATA_DIR`).
+    pub data_dir: PathBuf,
+    /// Where `karmic serve` listens (`KARMIC_HTTP_ADDR`).
+    pub http_addr: SocketAddr,
+    /// `postgres://…` selects Postgres; unset selects the embedded SQLite store under
+    /// `data_dir` (`KARMIC_DATABASE_URL`). May hold a password, hence secret.
+    pub database_url: Option<SecretString>,
+    /// HS256 signing secret, at least 32 bytes (`KARMIC_JWT_SECRET`).
+    pub jwt_secret: Option<SecretString>,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub token_ttl: Duration,
+    /// The email that becomes admin when it registers (`KARMIC_BOOTSTRAP_ADMIN_EMAIL`).
+    pub bootstrap_admin_email: Option<String>,
+    /// Origins allowed by CORS, e.g. `https://app.example.com` (`KARMIC_CORS_ORIGINS`,
+    /// comma-separated). Empty: no cross-origin access.
+    pub cors_origins: Vec<String>,
+    /// `json` (production) or `pretty` (`KARMIC_LOG_FORMAT`).
+    pub log_format: LogFormat,
+    /// Largest request body accepted, in bytes (`KARMIC_BODY_LIMIT_BYTES`).
+    pub body_limit_bytes: usize,
+    pub db_max_connections: u32,
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// How often the background projector looks for missed events.
+    pub projection_poll: Duration,
+    /// Apply migrations when the server starts (`KARMIC_AUTO_MIGRATE`, default true).
+    pub auto_migrate: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// The file form: every key optional, same names as the variables without `KARMIC_`,
+/// lower-cased (`http_addr = "0.0.0.0:8080"`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    data_dir: Option<PathBuf>,
+    http_addr: Option<String>,
+    database_url: Option<String>,
+    jwt_secret: Option<String>,
+    jwt_issuer: Option<String>,
+    jwt_audience: Option<String>,
+    token_ttl_secs: Option<u64>,
+    bootstrap_admin_email: Option<String>,
+    cors_origins: Option<Vec<String>>,
+    log_format: Option<LogFormat>,
+    body_limit_bytes: Option<usize>,
+    db_max_connections: Option<u32>,
+    argon2_memory_kib: Option<u32>,
+    argon2_iterations: Option<u32>,
+    argon2_parallelism: Option<u32>,
+    projection_poll_ms: Option<u64>,
+    auto_migrate: Option<bool>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("karmic-data"),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            database_url: None,
+            jwt_secret: None,
+            jwt_issuer: "karmic".to_owned(),
+            jwt_audience: "karmic-api".to_owned(),
+            token_ttl: Duration::from_secs(3600),
+            bootstrap_admin_email: None,
+            cors_origins: Vec::new(),
+            log_format: LogFormat::Pretty,
+            body_limit_bytes: 64 * 1024,
+            db_max_connections: 16,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            projection_poll: Duration::from_millis(500),
+            auto_migrate: true,
+        }
+    }
+}
+
+fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim()
+        .parse()
+        .map_err(|e| anyhow::anyhow!("{name}={v:?} is not valid: {e}"))
+}
+
+impl Settings {
+    /// Load from the process environment.
+    pub fn load() -> Result<Settings> {
+        let env: HashMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("KARMIC_"))
+            .collect();
+        Settings::from_sources(&env)
+    }
+
+    /// Load from a given set of variables (tests pass their own).
+    pub fn from_sources(env: &HashMap<String, String>) -> Result<Settings> {
+        let mut s = Settings::default();
+        if let Some(path) = env.get("KARMIC_CONFIG_FILE") {
+            s.apply_file(Path::new(path))?;
+        }
+        s.apply_env(env)?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn apply_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading configuration file {}", path.display()))?;
+        let f: FileSettings = toml::from_str(&text)
+            .with_context(|| format!("parsing configuration file {}", path.display()))?;
+        if let Some(v) = f.data_dir {
+            self.data_dir = v;
+        }
+        if let Some(v) = f.http_addr {
+            self.http_addr = parse("http_addr", &v)?;
+        }
+        if let Some(v) = f.database_url {
+            self.database_url = Some(v.into());
+        }
+        if let Some(v) = f.jwt_secret {
+            self.jwt_secret = Some(v.into());
+        }
+        if let Some(v) = f.jwt_issuer {
+            self.jwt_issuer = v;
+        }
+        if let Some(v) = f.jwt_audience {
+            self.jwt_audience = v;
+        }
+        if let Some(v) = f.token_ttl_secs {
+            self.token_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = f.bootstrap_admin_email {
+            self.bootstrap_admin_email = Some(v);
+        }
+        if let Some(v) = f.cors_origins {
+            self.cors_origins = v;
+        }
+        if let Some(v) = f.log_format {
+            self.log_format = v;
+        }
+        if let Some(v) = f.body_limit_bytes {
+            self.body_limit_bytes = v;
+        }
+        if let Some(v) = f.db_max_connections {
+            self.db_max_connections = v;
+        }
+        if let Some(v) = f.argon2_memory_kib {
+            self.argon2_memory_kib = v;
+        }
+        if let Some(v) = f.argon2_iterations {
+            self.argon2_iterations = v;
+        }
+        if let Some(v) = f.argon2_parallelism {
+            self.argon2_parallelism = v;
+        }
+        if let Some(v) = f.projection_poll_ms {
+            self.projection_poll = Duration::from_millis(v);
+        }
+        if let Some(v) = f.auto_migrate {
+            self.auto_migrate = v;
+        }
+        Ok(())
+    }
+
+    fn apply_env(&mut self, env: &HashMap<String, String>) -> Result<()> {
+        let get = |k: &str| env.get(k).map(String::as_str).filter(|v| !v.is_empty());
+        if let Some(v) = get("KARMIC_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = get("KARMIC_HTTP_ADDR") {
+            self.http_addr = parse("KARMIC_HTTP_ADDR", v)?;
+        }
+        if let Some(v) = get("KARMIC_DATABASE_URL") {
+            self.database_url = Some(v.to_owned().into());
+        }
+        if let Some(v) = get("KARMIC_JWT_SECRET") {
+            self.jwt_secret = Some(v.to_owned().into());
+        }
+        if let Some(v) = get("KARMIC_JWT_ISSUER") {
+            self.jwt_issuer = v.to_owned();
+        }
+        if let Some(v) = get("KARMIC_JWT_AUDIENCE") {
+            self.jwt_audience = v.to_owned();
+        }
+        if let Some(v) = get("KARMIC_TOKEN_TTL_SECS") {
+            self.token_ttl = Duration::from_secs(parse("KARMIC_TOKEN_TTL_SECS", v)?);
+        }
+        if let Some(v) = get("KARMIC_BOOTSTRAP_ADMIN_EMAIL") {
+            self.bootstrap_admin_email = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_CORS_ORIGINS") {
+            self.cors_origins = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+        }
+        if let Some(v) = get("KARMIC_LOG_FORMAT") {
+            self.log_format = match v {
+                "json" => LogFormat::Json,
+                "pretty" => LogFormat::Pretty,
+                other => bail!("KARMIC_LOG_FORMAT={other:?}: expected json or pretty"),
+            };
+        }
+        if let Some(v) = get("KARMIC_BODY_LIMIT_BYTES") {
+            self.body_limit_bytes = parse("KARMIC_BODY_LIMIT_BYTES", v)?;
+        }
+        if let Some(v) = get("KARMIC_DB_MAX_CONNECTIONS") {
+            self.db_max_connections = parse("KARMIC_DB_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = get("KARMIC_ARGON2_MEMORY_KIB") {
+            self.argon2_memory_kib = parse("KARMIC_ARGON2_MEMORY_KIB", v)?;
+        }
+        if let Some(v) = get("KARMIC_ARGON2_ITERATIONS") {
+            self.argon2_iterations = parse("KARMIC_ARGON2_ITERATIONS", v)?;
+        }
+        if let Some(v) = get("KARMIC_ARGON2_PARALLELISM") {
+            self.argon2_parallelism = parse("KARMIC_ARGON2_PARALLELISM", v)?;
+        }
+        if let Some(v) = get("KARMIC_PROJECTION_POLL_MS") {
+            self.projection_poll =
+                Duration::from_millis(parse("KARMIC_PROJECTION_POLL_MS", v)?);
+        }
+        if let Some(v) = get("KARMIC_AUTO_MIGRATE") {
+            self.auto_migrate = parse("KARMIC_AUTO_MIGRATE", v)?;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<()> {
+        if let Some(s) = &self.jwt_secret
+            && s.expose_secret().len() < 32
+        {
+            bail!("KARMIC_JWT_SECRET must be at least 32 bytes");
+        }
+        if let Some(url) = &self.database_url {
+            let u = url.expose_secret();
+            if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+                bail!("KARMIC_DATABASE_URL must be a postgres:// URL (unset it for the embedded store)");
+            }
+        }
+        if self.body_limit_bytes < 1024 {
+            bail!("KARMIC_BODY_LIMIT_BYTES must be at least 1024");
+        }
+        if self.token_ttl < Duration::from_secs(60) {
+            bail!("KARMIC_TOKEN_TTL_SECS must be at least 60");
+        }
+        Ok(())
+    }
+
+    /// Is this the embedded (single-process, local files) configuration?
+    pub fn is_embedded(&self) -> bool {
+        self.database_url.is_none()
+    }
+
+    /// The database URL to connect to: the configured Postgres or the embedded SQLite file.
+    pub fn database_url(&self) -> String {
+        match &self.database_url {
+            Some(u) => u.expose_secret().to_owned(),
+            None => format!("sqlite://{}", self.data_dir.join("karmic.db").display()),
+        }
+    }
+
+    /// A summary safe to log: no secrets, no passwords in URLs.
+    pub fn redacted_summary(&self) -> String {
+        let store = if self.is_embedded() {
+            format!("sqlite ({})", self.data_dir.display())
+        } else {
+            "postgres".to_owned()
+        };
+        format!(
+            "store={store} http_addr={} jwt_secret={} cors_origins={:?}",
+            self.http_addr,
+            if self.jwt_secret.is_some() { "set" } else { "unset" },
+            self.cors_origins
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_select_the_embedded_store_on_localhost_8080() {
+        let s = Settings::from_sources(&env(&[])).unwrap();
+        assert!(s.is_embedded());
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8080");
+        assert!(s.database_url().starts_with("sqlite://karmic-data"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("karmic-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("karmic.toml");
+        std::fs::write(&file, "http_addr = \"127.0.0.1:9000\"\njwt_issuer = \"from-file\"\n")
+            .unwrap();
+        let s = Settings::from_sources(&env(&[
+            ("KARMIC_CONFIG_FILE", file.to_str().unwrap()),
+            ("KARMIC_HTTP_ADDR", "127.0.0.1:9100"),
+        ]))
+        .unwrap();
+        assert_eq!(s.http_addr.port(), 9100);
+        assert_eq!(s.jwt_issuer, "from-file");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Settings::from_sources(&env(&[
+            ("KARMIC_JWT_SECRET", "a-very-secret-value-that-is-long-enough"),
+            ("KARMIC_DATABASE_URL", "postgres://u:hunter2hunter2@db/x"),
+        ]))
+        .unwrap();
+        let shown = format!("{s:?} {}", s.redacted_summary());
+        assert!(!shown.contains("a-very-secret-value"));
+        assert!(!shown.contains("hunter2"));
+    }
+
+    #[test]
+    fn short_secrets_and_foreign_urls_are_refused() {
+        assert!(Settings::from_sources(&env(&[("KARMIC_JWT_SECRET", "short")])).is_err());
+        assert!(
+            Settings::from_sources(&env(&[("KARMIC_DATABASE_URL", "mysql://x")])).is_err()
+        );
+        assert!(Settings::from_sources(&env(&[("KARMIC_HTTP_ADDR", "nope")])).is_err());
+    }
+}

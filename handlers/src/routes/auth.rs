@@ -1,0 +1,161 @@
+//! The auth service: `POST /auth/register`, `POST /auth/login`.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::IntoResponse;
+use commands::accounts::{LoginError, RegisterError};
+use domain::{DisplayName, Email, Password, ValueError};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::{AppState, RequestMeta};
+use crate::extract::Json;
+use crate::problem::{ApiError, FieldError, Problem};
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    #[schema(example = "ann@example.com", max_length = 254)]
+    pub email: String,
+    /// At least 10 characters.
+    #[schema(min_length = 10, max_length = 1024)]
+    pub password: String,
+    #[schema(example = "Ann Lee", min_length = 1, max_length = 100)]
+    pub display_name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RegisterResponse {
+    pub user_id: uuid::Uuid,
+    pub email: String,
+    pub display_name: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the token expires.
+    pub expires_in: u64,
+}
+
+/// Collects every invalid field instead of stopping at the first.
+#[derive(Default)]
+pub(crate) struct Validator(Vec<FieldError>);
+
+impl Validator {
+    pub(crate) fn check<T>(&mut self, r: Result<T, ValueError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.0.push(FieldError {
+                    field: e.field().to_owned(),
+                    message: e.to_string(),
+                });
+                None
+            }
+        }
+    }
+
+    pub(crate) fn finish(self) -> Result<(), ApiError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::Validation(self.0))
+        }
+    }
+}
+
+/// Register a new account.
+#[utoipa::path(
+    post, path = "/auth/register", tag = "auth",
+    request_body = RegisterRequest,
+    responses(
+        (status = 201, description = "Registered", body = RegisterResponse),
+        (status = 400, description = "Unreadable JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Email already registered", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub async fn register(
+    State(state): State<AppState>,
+    meta: RequestMeta,
+    Json(body): Json<RegisterRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut v = Validator::default();
+    let email = v.check(Email::parse(&body.email));
+    let password = v.check(Password::parse(&body.password));
+    let display_name = v.check(DisplayName::parse(&body.display_name));
+    v.finish()?;
+    let (Some(email), Some(password), Some(display_name)) = (email, password, display_name)
+    else {
+        return Err(ApiError::Internal(anyhow::anyhow!("validator passed a missing field")));
+    };
+    let registered = state
+        .accounts
+        .register(email, password, display_name, &meta.command())
+        .await
+        .map_err(|e| match e {
+            RegisterError::EmailTaken => ApiError::Conflict {
+                slug: "email-taken",
+                detail: "an account with this email already exists".to_owned(),
+            },
+            RegisterError::Store(s) => s.into(),
+        })?;
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = format!("/users/{}", registered.user_id).parse() {
+        headers.insert(header::LOCATION, v);
+    }
+    Ok((
+        StatusCode::CREATED,
+        headers,
+        Json(RegisterResponse {
+            user_id: registered.user_id.as_uuid(),
+            email: registered.email.as_str().to_owned(),
+            display_name: registered.display_name.as_str().to_owned(),
+        }),
+    ))
+}
+
+/// Exchange an email and password for an access token.
+#[utoipa::path(
+    post, path = "/auth/login", tag = "auth",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Signed in", body = TokenResponse),
+        (status = 400, description = "Unreadable JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong email or password (indistinguishable)", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all)]
+pub async fn login(
+    State(state): State<AppState>,
+    Json(body): Json<LoginRequest>,
+) -> Result<Json<TokenResponse>, ApiError> {
+    if body.password.len() > Password::MAX_LEN || body.email.len() > 1024 {
+        return Err(ApiError::InvalidCredentials);
+    }
+    let who = state
+        .accounts
+        .authenticate(&body.email, &body.password)
+        .await
+        .map_err(|e| match e {
+            LoginError::InvalidCredentials => ApiError::InvalidCredentials,
+            LoginError::Store(s) => s.into(),
+        })?;
+    let token = state.tokens.issue(who.user_id, who.role)?;
+    Ok(Json(TokenResponse {
+        access_token: token,
+        token_type: "Bearer".to_owned(),
+        expires_in: state.tokens.ttl().as_secs(),
+    }))
+}

@@ -1,0 +1,6 @@
+//! Route handlers, one module per service (matching the Lambda functions).
+
+pub mod auth;
+pub mod health;
+pub mod profiles;
+pub mod users;

@@ -1,0 +1,256 @@
+//! The profiles service: `GET /profiles/{id}` (signed in), `PUT /profiles/{id}` (owner).
+//!
+//! A profile's version (its aggregate sequence) is its `ETag`. `PUT` honours `If-Match`:
+//! a stale version is refused with 412 before anything is written, and a write that loses
+//! a race to another writer at the same version is refused with 409.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use commands::CommandError;
+use domain::{AvatarUrl, Bio, DisplayName, Location, ProfileError, ProfileFields, UserId, Website};
+use projections::ProfileView;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::app::{AppState, RequestMeta};
+use crate::auth::AuthUser;
+use crate::extract::{Json, Path};
+use crate::problem::{ApiError, Problem};
+use crate::routes::auth::Validator;
+
+/// The `ETag` of a version: a strong validator, `"<version>"`.
+pub fn etag(version: u64) -> String {
+    format!("\"{version}\"")
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema, Clone, PartialEq, Eq)]
+pub struct ProfileResponse {
+    pub user_id: uuid::Uuid,
+    pub display_name: String,
+    pub bio: Option<String>,
+    pub avatar_url: Option<String>,
+    pub location: Option<String>,
+    pub website: Option<String>,
+    /// Also sent as the `ETag` header.
+    pub version: u64,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<ProfileView> for ProfileResponse {
+    fn from(v: ProfileView) -> Self {
+        ProfileResponse {
+            user_id: v.user_id.as_uuid(),
+            display_name: v.display_name,
+            bio: v.bio,
+            avatar_url: v.avatar_url,
+            location: v.location,
+            website: v.website,
+            version: u64::try_from(v.version).unwrap_or_default(),
+            updated_at: v.updated_at,
+        }
+    }
+}
+
+/// The complete new profile. Absent optional fields are cleared.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProfileRequest {
+    #[schema(min_length = 1, max_length = 100)]
+    pub display_name: String,
+    #[schema(max_length = 2000)]
+    pub bio: Option<String>,
+    /// An absolute http(s) URL.
+    pub avatar_url: Option<String>,
+    #[schema(max_length = 100)]
+    pub location: Option<String>,
+    /// An absolute http(s) URL.
+    pub website: Option<String>,
+}
+
+fn with_etag(mut res: Response, version: u64) -> Response {
+    if let Ok(v) = HeaderValue::from_str(&etag(version)) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    res
+}
+
+/// Parse `If-Match`/`If-None-Match`: `*`, `"N"` or `W/"N"` (a list: any of them).
+fn parse_versions(value: &str) -> Result<Option<Vec<u64>>, ApiError> {
+    let value = value.trim();
+    if value == "*" {
+        return Ok(None);
+    }
+    value
+        .split(',')
+        .map(|tag| {
+            let tag = tag.trim();
+            let tag = tag.strip_prefix("W/").unwrap_or(tag);
+            tag.strip_prefix('"')
+                .and_then(|t| t.strip_suffix('"'))
+                .and_then(|t| t.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest(format!("malformed entity tag {tag:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+fn header_str<'h>(headers: &'h HeaderMap, name: header::HeaderName) -> Result<Option<&'h str>, ApiError> {
+    headers
+        .get(&name)
+        .map(|v| {
+            v.to_str()
+                .map_err(|_| ApiError::BadRequest(format!("malformed {name} header")))
+        })
+        .transpose()
+}
+
+/// Read a profile.
+#[utoipa::path(
+    get, path = "/profiles/{id}", tag = "profiles",
+    params(("id" = uuid::Uuid, Path, description = "User id")),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The profile; `ETag` is its version", body = ProfileResponse,
+         headers(("ETag" = String, description = "The profile's version"))),
+        (status = 304, description = "Not modified (If-None-Match)"),
+        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such profile", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, profile_id = %id))]
+pub async fn get_profile(
+    State(state): State<AppState>,
+    _who: AuthUser,
+    Path(id): Path<uuid::Uuid>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let view = state
+        .profile_reader
+        .get(UserId::from_uuid(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound("no such profile".to_owned()))?;
+    let version = u64::try_from(view.version).unwrap_or_default();
+    if let Some(inm) = header_str(&headers, header::IF_NONE_MATCH)?
+        && parse_versions(inm)?.is_none_or(|vs| vs.contains(&version))
+    {
+        return Ok(with_etag(StatusCode::NOT_MODIFIED.into_response(), version));
+    }
+    let body = ProfileResponse::from(view);
+    Ok(with_etag(Json(body).into_response(), version))
+}
+
+/// Replace a profile (its owner only).
+#[utoipa::path(
+    put, path = "/profiles/{id}", tag = "profiles",
+    params(
+        ("id" = uuid::Uuid, Path, description = "User id"),
+        ("If-Match" = Option<String>, Header, description = "The ETag last read; a stale one gives 412"),
+    ),
+    request_body = UpdateProfileRequest,
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "Updated; `ETag` is the new version", body = ProfileResponse,
+         headers(("ETag" = String, description = "The profile's new version"))),
+        (status = 400, description = "Unreadable JSON or If-Match", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not the owner", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such profile", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A concurrent write won", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "If-Match is stale; `ETag` is the current version", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+#[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, profile_id = %id))]
+pub async fn put_profile(
+    State(state): State<AppState>,
+    who: AuthUser,
+    Path(id): Path<uuid::Uuid>,
+    meta: RequestMeta,
+    headers: HeaderMap,
+    Json(body): Json<UpdateProfileRequest>,
+) -> Result<Response, ApiError> {
+    let id = UserId::from_uuid(id);
+    if who.user_id != id {
+        return Err(ApiError::Forbidden("only the owner may edit a profile".to_owned()));
+    }
+    let expected = match header_str(&headers, header::IF_MATCH)? {
+        None => None,
+        Some(v) => match parse_versions(v)? {
+            None => None,
+            Some(vs) if vs.len() == 1 => vs.first().copied(),
+            Some(_) => {
+                return Err(ApiError::BadRequest(
+                    "If-Match must name exactly one version".to_owned(),
+                ));
+            }
+        },
+    };
+    let mut v = Validator::default();
+    let display_name = v.check(DisplayName::parse(&body.display_name));
+    let bio = body.bio.as_deref().map(|s| v.check(Bio::parse(s)));
+    let avatar_url = body.avatar_url.as_deref().map(|s| v.check(AvatarUrl::parse(s)));
+    let location = body.location.as_deref().map(|s| v.check(Location::parse(s)));
+    let website = body.website.as_deref().map(|s| v.check(Website::parse(s)));
+    v.finish()?;
+    let Some(display_name) = display_name else {
+        return Err(ApiError::Internal(anyhow::anyhow!("validator passed a missing field")));
+    };
+    let fields = ProfileFields {
+        display_name,
+        // Empty strings clear a field.
+        bio: bio.flatten().filter(|b| !b.as_str().is_empty()),
+        avatar_url: avatar_url.flatten(),
+        location: location.flatten().filter(|l| !l.as_str().is_empty()),
+        website: website.flatten(),
+    };
+    let response_fields = fields.clone();
+    let version = state
+        .profiles
+        .update(id, fields, expected, &meta.command())
+        .await
+        .map_err(|e| match e {
+            CommandError::Rejected(ProfileError::NotFound) => {
+                ApiError::NotFound("no such profile".to_owned())
+            }
+            CommandError::Rejected(ProfileError::AlreadyExists) => ApiError::Conflict {
+                slug: "conflict",
+                detail: "the profile already exists".to_owned(),
+            },
+            CommandError::StaleVersion { actual, .. } => {
+                ApiError::PreconditionFailed { current: actual }
+            }
+            CommandError::Conflict => ApiError::Conflict {
+                slug: "write-conflict",
+                detail: "another change to this profile was saved at the same time; read it again and retry".to_owned(),
+            },
+            CommandError::Store(s) => s.into(),
+        })?;
+    let body = ProfileResponse {
+        user_id: id.as_uuid(),
+        display_name: response_fields.display_name.into_string(),
+        bio: response_fields.bio.map(Bio::into_string),
+        avatar_url: response_fields.avatar_url.map(AvatarUrl::into_string),
+        location: response_fields.location.map(Location::into_string),
+        website: response_fields.website.map(Website::into_string),
+        version,
+        updated_at: Utc::now(),
+    };
+    Ok(with_etag(Json(body).into_response(), version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_tags_parse_strong_weak_lists_and_star() {
+        assert_eq!(parse_versions("\"3\"").unwrap(), Some(vec![3]));
+        assert_eq!(parse_versions("W/\"3\", \"4\"").unwrap(), Some(vec![3, 4]));
+        assert_eq!(parse_versions("*").unwrap(), None);
+        assert!(parse_versions("3").is_err());
+        assert!(parse_versions("\"x\"").is_err());
+    }
+}
