@@ -124,6 +124,23 @@ impl Projector {
         task.await?
     }
 
+    /// Catch up far enough to include everything committed before this call: wait (up to
+    /// `wait`) until the feed can show all of it, then run a pass.
+    pub async fn catch_up_through_now(&self, wait: Duration) -> Result<PassReport> {
+        let feed = &self.inner.feed;
+        let horizon = feed.horizon().await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(1);
+        while !feed.is_visible(horizon).await? {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+        self.catch_up().await
+    }
+
     /// Ask the background loop for a pass without waiting for it.
     pub fn nudge(&self) {
         self.inner.wake.notify_one();
@@ -234,7 +251,7 @@ impl AfterCommit for Projector {
     /// the command is committed either way and the background loop finishes the job.
     async fn committed(&self) {
         let timeout = self.inner.settings.read_your_writes_timeout;
-        match tokio::time::timeout(timeout, self.catch_up()).await {
+        match tokio::time::timeout(timeout, self.catch_up_through_now(timeout)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "read models did not catch up after a commit"),
             Err(_) => {

@@ -1,1 +1,340 @@
+//! Test support: throwaway databases, a spawned app, and HTTP helpers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use commands::store::PoolSettings;
+use commands::Database;
+use handlers::{Application, Runtime, Settings};
+use serde_json::{json, Value};
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The server every Postgres test database is created on (trust auth).
+pub fn postgres_admin_url() -> String {
+    std::env::var("KARMIC_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// A database of its own for one test: a fresh Postgres database (dropped afterwards) or
+/// a SQLite file in a temporary directory.
+pub struct TestDb {
+    pub backend: Backend,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        match backend {
+            Backend::Sqlite => TestDb {
+                backend,
+                url: format!("sqlite://{}", dir.path().join("karmic.db").display()),
+                dir,
+                pg_name: None,
+            },
+            Backend::Postgres => {
+                let name = format!("karmic_t_{}", uuid::Uuid::new_v4().simple());
+                let admin = postgres_admin_url();
+                let pool = sqlx::PgPool::connect(&admin).await.expect(
+                    "Postgres must be running on 127.0.0.1:5432 (see .ci/run) for these tests",
+                );
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+                pool.close().await;
+                let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap().to_owned();
+                TestDb {
+                    backend,
+                    url: format!("{base}/{name}"),
+                    dir,
+                    pg_name: Some(name),
+                }
+            }
+        }
+    }
+
+    /// A connected, migrated store.
+    pub async fn connect(&self) -> Database {
+        let db = Database::connect(&self.url, &PoolSettings::default())
+            .await
+            .unwrap();
+        db.migrate().await.unwrap();
+        db
+    }
+
+    /// Settings for an app on this database, listening on a free port.
+    pub fn settings(&self) -> Settings {
+        let mut env = HashMap::new();
+        env.insert(
+            "KARMIC_DATA_DIR".to_owned(),
+            self.dir.path().display().to_string(),
+        );
+        env.insert("KARMIC_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned());
+        env.insert(
+            "KARMIC_JWT_SECRET".to_owned(),
+            TEST_JWT_SECRET.to_owned(),
+        );
+        // Cheap hashing keeps the suite fast; the real parameters are covered by the
+        // login-timing and benchmark runs.
+        env.insert("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned());
+        env.insert("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned());
+        env.insert("KARMIC_PROJECTION_POLL_MS".to_owned(), "100".to_owned());
+        if self.backend == Backend::Postgres {
+            env.insert("KARMIC_DATABASE_URL".to_owned(), self.url.clone());
+        }
+        Settings::from_sources(&env).unwrap()
+    }
+
+    /// The environment a `karmic` process needs to run on this database.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                "KARMIC_DATA_DIR".to_owned(),
+                self.dir.path().display().to_string(),
+            ),
+            ("KARMIC_JWT_SECRET".to_owned(), TEST_JWT_SECRET.to_owned()),
+            ("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
+            ("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
+        ];
+        if self.backend == Backend::Postgres {
+            v.push(("KARMIC_DATABASE_URL".to_owned(), self.url.clone()));
+        }
+        v
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(name) = self.pg_name.take() {
+            let admin = postgres_admin_url();
+            // Drop needs async I/O: do it on a thread with its own runtime.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&pool)
+                            .await;
+                        pool.close().await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
+
+/// A running app on a throwaway database.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub db: TestDb,
+    pub store: Database,
+    pub runtime_projector: projections::Projector,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let db = TestDb::new(backend).await;
+        let mut settings = db.settings();
+        tweak(&mut settings);
+        let app = Application::build(settings).await.unwrap();
+        let addr: SocketAddr = ([127, 0, 0, 1], app.port()).into();
+        let store = app.runtime().state.db.clone();
+        let runtime_projector = app.runtime().projector.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            app.run_until(async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestApp {
+            addr,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+            db,
+            store,
+            runtime_projector,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stop the server gracefully and wait for it.
+    pub async fn stop(mut self) -> TestDb {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+        self.store.close().await;
+        std::mem::replace(&mut self.db, TestDb::placeholder())
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn register(&self, email: &str, display_name: &str) -> reqwest::Response {
+        self.post_json(
+            "/auth/register",
+            &json!({"email": email, "password": PASSWORD, "display_name": display_name}),
+        )
+        .await
+    }
+
+    /// Register and sign in; returns (user id, access token).
+    pub async fn signed_up(&self, email: &str) -> (String, String) {
+        let r = self.register(email, "Someone").await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let id = r.json::<Value>().await.unwrap()["user_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        (id, self.login(email).await)
+    }
+
+    pub async fn login(&self, email: &str) -> String {
+        let r = self
+            .post_json("/auth/login", &json!({"email": email, "password": PASSWORD}))
+            .await;
+        assert_eq!(r.status(), 200);
+        r.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn put_profile(
+        &self,
+        id: &str,
+        token: &str,
+        if_match: Option<&str>,
+        body: &Value,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .put(self.url(&format!("/profiles/{id}")))
+            .bearer_auth(token)
+            .json(body);
+        if let Some(m) = if_match {
+            req = req.header("if-match", m);
+        }
+        req.send().await.unwrap()
+    }
+}
+
+impl TestDb {
+    fn placeholder() -> TestDb {
+        TestDb {
+            backend: Backend::Sqlite,
+            url: String::new(),
+            dir: tempfile::tempdir().unwrap(),
+            pg_name: None,
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Build a `Runtime` (no HTTP) on a test database.
+pub async fn runtime(db: &TestDb) -> Runtime {
+    Runtime::build(db.settings()).await.unwrap()
+}
+
+/// Path of the `karmic` entry point built for the failure tests (integration tests only).
+#[macro_export]
+macro_rules! karmic_binary {
+    () => {
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_karmic-under-test"))
+    };
+}
+
+/// Asserts a response is a problem document with this status; returns the document.
+pub async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
+    assert_eq!(r.status().as_u16(), status, "unexpected status");
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(ct, "application/problem+json");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], status);
+    assert!(body["type"].as_str().unwrap().starts_with("https://karmic.dev/problems/"));
+    assert!(body["title"].is_string() && body["detail"].is_string());
+    body
+}
+
+/// Generates one test per backend from an `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() { super::$name($crate::Backend::Sqlite).await }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() { super::$name($crate::Backend::Postgres).await }
+            )*
+        }
+    };
+}

@@ -101,6 +101,11 @@ pub trait EventFeed: Send + Sync {
     async fn head(&self) -> Result<Option<(Position, DateTime<Utc>)>, StoreError>;
     /// How many committed events lie after `after`.
     async fn count_after(&self, after: Position) -> Result<i64, StoreError>;
+    /// A mark in commit time: every event committed before this call is readable from the
+    /// feed once [`EventFeed::is_visible`] says so for the mark. (On Postgres the feed holds
+    /// back events behind transactions still running anywhere in the cluster.)
+    async fn horizon(&self) -> Result<i64, StoreError>;
+    async fn is_visible(&self, horizon: i64) -> Result<bool, StoreError>;
 }
 
 /// Where events live. Cheap to clone (pools are shared).
@@ -162,6 +167,14 @@ impl Database {
             Database::Sqlite(p) => sqlx::query("SELECT 1").execute(p).await.map(drop)?,
         }
         Ok(())
+    }
+
+    /// Close every connection (graceful shutdown, tests).
+    pub async fn close(&self) {
+        match self {
+            Database::Postgres(p) => p.close().await,
+            Database::Sqlite(p) => p.close().await,
+        }
     }
 
     pub fn kind(&self) -> &'static str {

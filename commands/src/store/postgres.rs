@@ -117,6 +117,25 @@ impl EventFeed for PostgresFeed {
         .context("counting the feed")?;
         Ok(n)
     }
+
+    async fn horizon(&self) -> Result<i64, StoreError> {
+        // Every transaction that has committed has an id below the snapshot's xmax.
+        let x: i64 =
+            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
+                .fetch_one(&self.pool)
+                .await
+                .context("reading the commit horizon")?;
+        Ok(x)
+    }
+
+    async fn is_visible(&self, horizon: i64) -> Result<bool, StoreError> {
+        let xmin: i64 =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetch_one(&self.pool)
+                .await
+                .context("reading the visibility horizon")?;
+        Ok(xmin >= horizon)
+    }
 }
 
 pub(super) async fn reserve_email(
