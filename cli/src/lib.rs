@@ -9,7 +9,11 @@ use domain::Email;
 use handlers::{Application, Runtime, Settings};
 
 #[derive(Debug, Parser)]
-#[command(name = "karmic", version, about = "Karmic: an event-sourced document backend")]
+#[command(
+    name = "karmic",
+    version,
+    about = "Karmic: an event-sourced document backend"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -241,7 +241,11 @@ impl Accounts {
     }
 
     /// Grant the admin role to the account with this email. Idempotent.
-    pub async fn grant_admin(&self, email: &Email, meta: &CommandMeta) -> Result<UserId, RoleError> {
+    pub async fn grant_admin(
+        &self,
+        email: &Email,
+        meta: &CommandMeta,
+    ) -> Result<UserId, RoleError> {
         self.change_role(email, UserCommand::GrantAdmin, meta).await
     }
 
@@ -251,7 +255,8 @@ impl Accounts {
         email: &Email,
         meta: &CommandMeta,
     ) -> Result<UserId, RoleError> {
-        self.change_role(email, UserCommand::RevokeAdmin, meta).await
+        self.change_role(email, UserCommand::RevokeAdmin, meta)
+            .await
     }
 
     async fn change_role(
@@ -297,6 +302,9 @@ impl Accounts {
 fn with_actor(meta: &CommandMeta, user_id: UserId) -> CommandMeta {
     CommandMeta {
         request_id: meta.request_id.clone(),
-        actor: meta.actor.clone().or_else(|| Some(format!("user:{user_id}"))),
+        actor: meta
+            .actor
+            .clone()
+            .or_else(|| Some(format!("user:{user_id}"))),
     }
 }

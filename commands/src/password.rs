@@ -39,8 +39,13 @@ pub struct PasswordHasher {
 impl PasswordHasher {
     pub fn new(params: HashingParams) -> Result<Self, StoreError> {
         // Fail early on impossible parameters.
-        Params::new(params.memory_kib, params.iterations, params.parallelism, None)
-            .map_err(|e| StoreError::msg(format!("invalid Argon2 parameters: {e}")))?;
+        Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            None,
+        )
+        .map_err(|e| StoreError::msg(format!("invalid Argon2 parameters: {e}")))?;
         Ok(PasswordHasher {
             params,
             dummy: Arc::new(OnceLock::new()),
@@ -52,8 +57,13 @@ impl PasswordHasher {
     }
 
     fn argon2(params: HashingParams) -> Result<Argon2<'static>, StoreError> {
-        let p = Params::new(params.memory_kib, params.iterations, params.parallelism, None)
-            .map_err(|e| StoreError::msg(format!("invalid Argon2 parameters: {e}")))?;
+        let p = Params::new(
+            params.memory_kib,
+            params.iterations,
+            params.parallelism,
+            None,
+        )
+        .map_err(|e| StoreError::msg(format!("invalid Argon2 parameters: {e}")))?;
         Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, p))
     }
 
@@ -126,7 +136,11 @@ mod tests {
         let pw = Password::parse("correct horse battery").unwrap();
         let hash = h.hash(&pw).await.unwrap();
         assert!(hash.as_str().starts_with("$argon2id$"));
-        assert!(h.verify("correct horse battery", Some(&hash)).await.unwrap());
+        assert!(
+            h.verify("correct horse battery", Some(&hash))
+                .await
+                .unwrap()
+        );
         assert!(!h.verify("wrong horse battery", Some(&hash)).await.unwrap());
     }
 

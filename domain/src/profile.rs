@@ -4,8 +4,8 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::values::{AvatarUrl, Bio, DisplayName, Location, UserId, Website};
 use crate::EVENT_VERSION_1;
+use crate::values::{AvatarUrl, Bio, DisplayName, Location, UserId, Website};
 
 /// A complete, validated set of profile fields, as `PUT /profiles/{id}` replaces them.
 #[derive(Debug, Clone, PartialEq, Eq)]

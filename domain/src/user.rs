@@ -4,8 +4,8 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
 use serde::{Deserialize, Serialize};
 
-use crate::values::{DisplayName, Email, PasswordHash, UserId};
 use crate::EVENT_VERSION_1;
+use crate::values::{DisplayName, Email, PasswordHash, UserId};
 
 /// What a signed-in user may do. Carried in the access token's `role` claim.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -35,7 +35,9 @@ pub enum UserCommand {
         display_name: DisplayName,
         grant_admin: bool,
     },
-    ChangePassword { password_hash: PasswordHash },
+    ChangePassword {
+        password_hash: PasswordHash,
+    },
     /// Idempotent: granting a role the user has emits nothing.
     GrantAdmin,
     /// Idempotent: revoking a role the user lacks emits nothing.

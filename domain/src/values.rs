@@ -200,8 +200,7 @@ fn bounded_text(
     if s.chars().count() > max {
         return Err(ValueError::TooLong { field, max });
     }
-    if s
-        .chars()
+    if s.chars()
         .any(|c| c.is_control() && !(allow_newlines && (c == '\n' || c == '\r' || c == '\t')))
     {
         return Err(ValueError::ControlCharacters { field });

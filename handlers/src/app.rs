@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use axum::Router;
 use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post};
-use axum::Router;
 use commands::accounts::Accounts;
 use commands::password::{HashingParams, PasswordHasher};
 use commands::profiles::Profiles;
@@ -105,29 +105,31 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
     r.fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
-        .layer(axum::extract::DefaultBodyLimit::max(settings.body_limit_bytes))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            settings.body_limit_bytes,
+        ))
         .layer(cors(settings))
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
-                "handler panicked"
-            )))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                axum::response::IntoResponse::into_response(ApiError::Internal(anyhow::anyhow!(
+                    "handler panicked"
+                )))
+            },
+        ))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get(&REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id,
+                user_id = tracing::field::Empty,
+            )
         }))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request| {
-                let request_id = req
-                    .headers()
-                    .get(&REQUEST_ID)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("-");
-                tracing::info_span!(
-                    "request",
-                    method = %req.method(),
-                    path = %req.uri().path(),
-                    request_id,
-                    user_id = tracing::field::Empty,
-                )
-            }),
-        )
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
 }
@@ -182,8 +184,12 @@ impl Runtime {
         let profile_store: Arc<dyn ProfileStore> = Arc::new(read_models.clone());
 
         // The provisioner issues commands; its own commits need no read-your-writes wait.
-        let provisioner_accounts =
-            Accounts::new(db.clone(), hasher.clone(), bootstrap.clone(), Arc::new(NoAfterCommit));
+        let provisioner_accounts = Accounts::new(
+            db.clone(),
+            hasher.clone(),
+            bootstrap.clone(),
+            Arc::new(NoAfterCommit),
+        );
         let projections: Vec<Arc<dyn Projection>> = vec![
             Arc::new(UsersProjection(read_models.clone())),
             Arc::new(ProfilesProjection(profile_store.clone())),
@@ -229,7 +235,10 @@ impl Runtime {
 async fn connect(settings: &Settings) -> Result<Database> {
     if settings.is_embedded() {
         std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-            format!("creating the data directory {}", settings.data_dir.display())
+            format!(
+                "creating the data directory {}",
+                settings.data_dir.display()
+            )
         })?;
     }
     let pool = PoolSettings {
@@ -247,12 +256,17 @@ fn jwt_secret(settings: &Settings) -> Result<SecretString> {
         return Ok(s.clone());
     }
     if !settings.is_embedded() {
-        anyhow::bail!("KARMIC_JWT_SECRET must be set when KARMIC_DATABASE_URL is (at least 32 bytes)");
+        anyhow::bail!(
+            "KARMIC_JWT_SECRET must be set when KARMIC_DATABASE_URL is (at least 32 bytes)"
+        );
     }
     let path = settings.data_dir.join("jwt-secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if s.trim().len() >= 32 => return Ok(s.trim().to_owned().into()),
-        Ok(_) => anyhow::bail!("{} is too short; delete it to have a new one made", path.display()),
+        Ok(_) => anyhow::bail!(
+            "{} is too short; delete it to have a new one made",
+            path.display()
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
@@ -307,7 +321,10 @@ impl Application {
 
     /// Serve until `shutdown` resolves, then drain in-flight requests and stop the
     /// projector.
-    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<()> {
+    pub async fn run_until(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
         let (tx, rx) = tokio::sync::watch::channel(false);
         let projector = self.runtime.projector.clone();
         let mut rx_proj = rx.clone();

@@ -244,8 +244,7 @@ impl Settings {
             self.argon2_parallelism = parse("KARMIC_ARGON2_PARALLELISM", v)?;
         }
         if let Some(v) = get("KARMIC_PROJECTION_POLL_MS") {
-            self.projection_poll =
-                Duration::from_millis(parse("KARMIC_PROJECTION_POLL_MS", v)?);
+            self.projection_poll = Duration::from_millis(parse("KARMIC_PROJECTION_POLL_MS", v)?);
         }
         if let Some(v) = get("KARMIC_AUTO_MIGRATE") {
             self.auto_migrate = parse("KARMIC_AUTO_MIGRATE", v)?;
@@ -262,7 +261,9 @@ impl Settings {
         if let Some(url) = &self.database_url {
             let u = url.expose_secret();
             if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
-                bail!("KARMIC_DATABASE_URL must be a postgres:// URL (unset it for the embedded store)");
+                bail!(
+                    "KARMIC_DATABASE_URL must be a postgres:// URL (unset it for the embedded store)"
+                );
             }
         }
         if self.body_limit_bytes < 1024 {
@@ -297,7 +298,11 @@ impl Settings {
         format!(
             "store={store} http_addr={} jwt_secret={} cors_origins={:?}",
             self.http_addr,
-            if self.jwt_secret.is_some() { "set" } else { "unset" },
+            if self.jwt_secret.is_some() {
+                "set"
+            } else {
+                "unset"
+            },
             self.cors_origins
         )
     }
@@ -327,8 +332,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("karmic-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("karmic.toml");
-        std::fs::write(&file, "http_addr = \"127.0.0.1:9000\"\njwt_issuer = \"from-file\"\n")
-            .unwrap();
+        std::fs::write(
+            &file,
+            "http_addr = \"127.0.0.1:9000\"\njwt_issuer = \"from-file\"\n",
+        )
+        .unwrap();
         let s = Settings::from_sources(&env(&[
             ("KARMIC_CONFIG_FILE", file.to_str().unwrap()),
             ("KARMIC_HTTP_ADDR", "127.0.0.1:9100"),
@@ -341,7 +349,10 @@ mod tests {
     #[test]
     fn secrets_never_print() {
         let s = Settings::from_sources(&env(&[
-            ("KARMIC_JWT_SECRET", "a-very-secret-value-that-is-long-enough"),
+            (
+                "KARMIC_JWT_SECRET",
+                "a-very-secret-value-that-is-long-enough",
+            ),
             ("KARMIC_DATABASE_URL", "postgres://u:hunter2hunter2@db/x"),
         ]))
         .unwrap();
@@ -353,9 +364,7 @@ mod tests {
     #[test]
     fn short_secrets_and_foreign_urls_are_refused() {
         assert!(Settings::from_sources(&env(&[("KARMIC_JWT_SECRET", "short")])).is_err());
-        assert!(
-            Settings::from_sources(&env(&[("KARMIC_DATABASE_URL", "mysql://x")])).is_err()
-        );
+        assert!(Settings::from_sources(&env(&[("KARMIC_DATABASE_URL", "mysql://x")])).is_err());
         assert!(Settings::from_sources(&env(&[("KARMIC_HTTP_ADDR", "nope")])).is_err());
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use commands::{AfterCommit, EventFeed, Position, StoredEvent};
 use tokio::sync::{Mutex, Notify};
-use tracing::{debug, error, info_span, warn, Instrument};
+use tracing::{Instrument, debug, error, info_span, warn};
 
 use crate::checkpoint::CheckpointStore;
 
@@ -201,7 +201,11 @@ impl Inner {
         let mut report = PassReport::default();
         for p in &self.projections {
             let name = p.name();
-            match self.drive(p.clone()).instrument(info_span!("projection", name)).await {
+            match self
+                .drive(p.clone())
+                .instrument(info_span!("projection", name))
+                .await
+            {
                 Ok(Some(n)) => report.applied.push((name, n)),
                 Ok(None) => report.busy.push(name),
                 Err(e) => {

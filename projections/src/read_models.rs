@@ -9,8 +9,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use chrono::{DateTime, Utc};
 use commands::{Database, StoredEvent};
-use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
 use cqrs_es::Aggregate;
+use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
 use serde::Serialize;
 use sqlx::{PgPool, Row, SqlitePool};
 

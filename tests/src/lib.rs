@@ -5,10 +5,10 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use commands::store::PoolSettings;
 use commands::Database;
+use commands::store::PoolSettings;
 use handlers::{Application, Runtime, Settings};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 
 /// Which store a test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,10 +81,7 @@ impl TestDb {
             self.dir.path().display().to_string(),
         );
         env.insert("KARMIC_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned());
-        env.insert(
-            "KARMIC_JWT_SECRET".to_owned(),
-            TEST_JWT_SECRET.to_owned(),
-        );
+        env.insert("KARMIC_JWT_SECRET".to_owned(), TEST_JWT_SECRET.to_owned());
         // Cheap hashing keeps the suite fast; the real parameters are covered by the
         // login-timing and benchmark runs.
         env.insert("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned());
@@ -126,9 +123,10 @@ impl Drop for TestDb {
                     .unwrap();
                 rt.block_on(async move {
                     if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                            .execute(&pool)
-                            .await;
+                        let _ =
+                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                                .execute(&pool)
+                                .await;
                         pool.close().await;
                     }
                 });
@@ -232,7 +230,10 @@ impl TestApp {
 
     pub async fn login(&self, email: &str) -> String {
         let r = self
-            .post_json("/auth/login", &json!({"email": email, "password": PASSWORD}))
+            .post_json(
+                "/auth/login",
+                &json!({"email": email, "password": PASSWORD}),
+            )
             .await;
         assert_eq!(r.status(), 200);
         r.json::<Value>().await.unwrap()["access_token"]
@@ -315,7 +316,12 @@ pub async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
     assert_eq!(ct, "application/problem+json");
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["status"], status);
-    assert!(body["type"].as_str().unwrap().starts_with("https://karmic.dev/problems/"));
+    assert!(
+        body["type"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://karmic.dev/problems/")
+    );
     assert!(body["title"].is_string() && body["detail"].is_string());
     body
 }

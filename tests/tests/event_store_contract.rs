@@ -5,8 +5,10 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use commands::{CommandError, CommandMeta, Database, Position, StoredEvent};
-use domain::{DisplayName, Email, PasswordHash, Profile, ProfileCommand, User, UserCommand, UserEvent, UserId};
-use tests::{on_both_backends, Backend, TestDb};
+use domain::{
+    DisplayName, Email, PasswordHash, Profile, ProfileCommand, User, UserCommand, UserEvent, UserId,
+};
+use tests::{Backend, TestDb, on_both_backends};
 
 fn register(id: UserId, email: &str) -> UserCommand {
     UserCommand::Register {
@@ -45,10 +47,25 @@ async fn appended_events_load_back_in_order(backend: Backend) {
     let db = t.connect().await;
     let users = db.aggregates::<User>();
     let id = UserId::new_v7();
-    let meta = CommandMeta { request_id: Some("req-1".into()), actor: Some("test".into()) };
-    let c = users.execute(&id.to_string(), register(id, "a@example.com"), &(), None, &meta).await.unwrap();
+    let meta = CommandMeta {
+        request_id: Some("req-1".into()),
+        actor: Some("test".into()),
+    };
+    let c = users
+        .execute(
+            &id.to_string(),
+            register(id, "a@example.com"),
+            &(),
+            None,
+            &meta,
+        )
+        .await
+        .unwrap();
     assert_eq!((c.version, c.events), (1, 1));
-    let c = users.execute(&id.to_string(), UserCommand::GrantAdmin, &(), None, &meta).await.unwrap();
+    let c = users
+        .execute(&id.to_string(), UserCommand::GrantAdmin, &(), None, &meta)
+        .await
+        .unwrap();
     assert_eq!(c.version, 2);
 
     let loaded = users.load(&id.to_string()).await.unwrap();
@@ -65,7 +82,12 @@ async fn appended_events_load_back_in_order(backend: Backend) {
     assert_eq!(feed[0].event_type, "UserRegistered");
     assert_eq!(feed[0].event_version, "1.0");
     assert_eq!(feed[0].metadata["request_id"], "req-1");
-    assert!((chrono::Utc::now() - feed[0].recorded_at).num_seconds().abs() < 60);
+    assert!(
+        (chrono::Utc::now() - feed[0].recorded_at)
+            .num_seconds()
+            .abs()
+            < 60
+    );
     let decoded: UserEvent = feed[1].decode().unwrap();
     assert_eq!(decoded, UserEvent::AdminRoleGranted);
     // An unknown aggregate loads empty at version 0.
@@ -78,12 +100,33 @@ async fn an_expected_version_that_is_stale_writes_nothing(backend: Backend) {
     let users = db.aggregates::<User>();
     let id = UserId::new_v7();
     let meta = CommandMeta::default();
-    users.execute(&id.to_string(), register(id, "a@example.com"), &(), Some(0), &meta).await.unwrap();
+    users
+        .execute(
+            &id.to_string(),
+            register(id, "a@example.com"),
+            &(),
+            Some(0),
+            &meta,
+        )
+        .await
+        .unwrap();
     let err = users
-        .execute(&id.to_string(), UserCommand::GrantAdmin, &(), Some(0), &meta)
+        .execute(
+            &id.to_string(),
+            UserCommand::GrantAdmin,
+            &(),
+            Some(0),
+            &meta,
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, CommandError::StaleVersion { expected: 0, actual: 1 }));
+    assert!(matches!(
+        err,
+        CommandError::StaleVersion {
+            expected: 0,
+            actual: 1
+        }
+    ));
     assert_eq!(users.load(&id.to_string()).await.unwrap().version, 1);
 }
 
@@ -95,7 +138,16 @@ async fn two_writers_at_one_version_give_one_winner_and_one_conflict(backend: Ba
     let id = UserId::new_v7();
     let meta = CommandMeta::default();
     profiles
-        .execute(&id.to_string(), ProfileCommand::Create { user_id: id, display_name: DisplayName::parse("A").unwrap() }, &(), None, &meta)
+        .execute(
+            &id.to_string(),
+            ProfileCommand::Create {
+                user_id: id,
+                display_name: DisplayName::parse("A").unwrap(),
+            },
+            &(),
+            None,
+            &meta,
+        )
         .await
         .unwrap();
     for round in 0..10 {
@@ -115,7 +167,14 @@ async fn two_writers_at_one_version_give_one_winner_and_one_conflict(backend: Ba
             let version = p.load(&id.to_string()).await.unwrap().version;
             tasks.push(tokio::spawn(async move {
                 b.wait().await;
-                p.execute(&id.to_string(), ProfileCommand::Update(fields), &(), Some(version), &CommandMeta::default()).await
+                p.execute(
+                    &id.to_string(),
+                    ProfileCommand::Update(fields),
+                    &(),
+                    Some(version),
+                    &CommandMeta::default(),
+                )
+                .await
             }));
         }
         let mut ok = 0;
@@ -145,8 +204,26 @@ async fn the_feed_returns_every_event_exactly_once_in_commit_order(backend: Back
             let mut ids = Vec::new();
             for i in 0..10 {
                 let id = UserId::new_v7();
-                users.execute(&id.to_string(), register(id, &format!("u{w}x{i}@example.com")), &(), None, &CommandMeta::default()).await.unwrap();
-                users.execute(&id.to_string(), UserCommand::GrantAdmin, &(), None, &CommandMeta::default()).await.unwrap();
+                users
+                    .execute(
+                        &id.to_string(),
+                        register(id, &format!("u{w}x{i}@example.com")),
+                        &(),
+                        None,
+                        &CommandMeta::default(),
+                    )
+                    .await
+                    .unwrap();
+                users
+                    .execute(
+                        &id.to_string(),
+                        UserCommand::GrantAdmin,
+                        &(),
+                        None,
+                        &CommandMeta::default(),
+                    )
+                    .await
+                    .unwrap();
                 ids.push(id);
             }
             ids
@@ -158,14 +235,21 @@ async fn the_feed_returns_every_event_exactly_once_in_commit_order(backend: Back
     }
     let feed = read_all(&db, Position::START).await;
     assert_eq!(feed.len(), 160);
-    let keys: HashSet<(String, i64)> = feed.iter().map(|e| (e.aggregate_id.clone(), e.sequence)).collect();
+    let keys: HashSet<(String, i64)> = feed
+        .iter()
+        .map(|e| (e.aggregate_id.clone(), e.sequence))
+        .collect();
     assert_eq!(keys.len(), 160, "an event came twice");
     let positions: Vec<Position> = feed.iter().map(|e| e.position).collect();
     let mut sorted = positions.clone();
     sorted.sort();
     assert_eq!(positions, sorted, "feed order is not stable");
     for id in ids {
-        let seqs: Vec<i64> = feed.iter().filter(|e| e.aggregate_id == id.to_string()).map(|e| e.sequence).collect();
+        let seqs: Vec<i64> = feed
+            .iter()
+            .filter(|e| e.aggregate_id == id.to_string())
+            .map(|e| e.sequence)
+            .collect();
         assert_eq!(seqs, vec![1, 2]);
     }
     let head = db.feed().head().await.unwrap().unwrap().0;
@@ -199,14 +283,22 @@ async fn an_early_transaction_that_commits_late_is_not_skipped(backend: Backend)
         match db_a {
             Database::Postgres(p) => {
                 let mut tx = p.begin().await.unwrap();
-                sqlx::query(insert_sql).bind(&slow_id).execute(&mut *tx).await.unwrap();
+                sqlx::query(insert_sql)
+                    .bind(&slow_id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
                 a_inserted_tx.send(()).unwrap();
                 a_done.await.unwrap();
                 tx.commit().await.unwrap();
             }
             Database::Sqlite(p) => {
                 let mut tx = p.begin().await.unwrap();
-                sqlx::query(insert_sql).bind(&slow_id).execute(&mut *tx).await.unwrap();
+                sqlx::query(insert_sql)
+                    .bind(&slow_id)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
                 a_inserted_tx.send(()).unwrap();
                 a_done.await.unwrap();
                 tx.commit().await.unwrap();
@@ -220,17 +312,34 @@ async fn an_early_transaction_that_commits_late_is_not_skipped(backend: Backend)
     let fast = UserId::new_v7();
     let users_b = users.clone();
     let mut writer_b = Some(tokio::spawn(async move {
-        users_b.execute(&fast.to_string(), register(fast, "fast@example.com"), &(), None, &CommandMeta::default()).await.unwrap();
+        users_b
+            .execute(
+                &fast.to_string(),
+                register(fast, "fast@example.com"),
+                &(),
+                None,
+                &CommandMeta::default(),
+            )
+            .await
+            .unwrap();
     }));
     if backend == Backend::Postgres {
         writer_b.take().unwrap().await.unwrap();
         // A naive reader sees B and moves its checkpoint past A's position.
         let naive: Vec<i64> = match &db {
-            Database::Postgres(p) => sqlx::query_scalar("SELECT position FROM events WHERE position > 0 ORDER BY position")
-                .fetch_all(p).await.unwrap(),
+            Database::Postgres(p) => sqlx::query_scalar(
+                "SELECT position FROM events WHERE position > 0 ORDER BY position",
+            )
+            .fetch_all(p)
+            .await
+            .unwrap(),
             Database::Sqlite(_) => unreachable!(),
         };
-        assert_eq!(naive.len(), 1, "the naive reader sees only the committed later event");
+        assert_eq!(
+            naive.len(),
+            1,
+            "the naive reader sees only the committed later event"
+        );
     } else {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -257,7 +366,10 @@ async fn an_early_transaction_that_commits_late_is_not_skipped(backend: Backend)
     // After A commits, reading on from the checkpoint yields the rest, once each.
     seen.extend(read_all(&db, at).await);
     let ids: Vec<&str> = seen.iter().map(|e| e.aggregate_id.as_str()).collect();
-    assert!(ids.contains(&slow.to_string().as_str()), "the late-committing event was skipped: {ids:?}");
+    assert!(
+        ids.contains(&slow.to_string().as_str()),
+        "the late-committing event was skipped: {ids:?}"
+    );
     assert!(ids.contains(&fast.to_string().as_str()));
     assert_eq!(seen.len(), 2, "an event came twice: {ids:?}");
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use commands::{CommandMeta, Position};
 use domain::{DisplayName, ProfileCommand, ProfileFields, UserId};
-use serde_json::{json, Value};
-use tests::{karmic_binary, on_both_backends, Backend, TestApp, TestDb, PASSWORD};
+use serde_json::{Value, json};
+use tests::{Backend, PASSWORD, TestApp, TestDb, karmic_binary, on_both_backends};
 
 struct Server {
     child: Child,
@@ -17,7 +17,11 @@ struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Server {
@@ -60,15 +64,26 @@ impl Server {
     }
 
     async fn post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.client.post(format!("{}{path}", self.base)).json(&body).send().await.unwrap()
+        self.client
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn get(&self, path: &str, token: &str) -> reqwest::Response {
-        self.client.get(format!("{}{path}", self.base)).bearer_auth(token).send().await.unwrap()
+        self.client
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 
     async fn login(&self, email: &str) -> reqwest::Response {
-        self.post("/auth/login", json!({"email": email, "password": PASSWORD})).await
+        self.post("/auth/login", json!({"email": email, "password": PASSWORD}))
+            .await
     }
 }
 
@@ -81,13 +96,24 @@ async fn kill_9_after_a_2xx_loses_nothing(backend: Backend) {
     let mut users = Vec::new();
     for i in 0..10 {
         let email = format!("u{i}@example.com");
-        let r = server.post("/auth/register", json!({"email": email, "password": PASSWORD, "display_name": format!("User {i}")})).await;
+        let r = server
+            .post(
+                "/auth/register",
+                json!({"email": email, "password": PASSWORD, "display_name": format!("User {i}")}),
+            )
+            .await;
         assert_eq!(r.status(), 201);
-        let id = r.json::<Value>().await.unwrap()["user_id"].as_str().unwrap().to_owned();
+        let id = r.json::<Value>().await.unwrap()["user_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         users.push((email, id));
     }
     let (email0, id0) = users[0].clone();
-    let token: String = server.login(&email0).await.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let token: String = server.login(&email0).await.json::<Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // The last acknowledged write, then kill -9 at once.
     let r = server
         .client
@@ -109,10 +135,19 @@ async fn kill_9_after_a_2xx_loses_nothing(backend: Backend) {
     assert_eq!(p["display_name"], "Survivor");
     assert_eq!(p["location"], "Disk");
     for (email, id) in &users {
-        assert_eq!(server.login(email).await.status(), 200, "{email} lost");
-        let r = server.get(&format!("/users/{id}"), &server.login(email).await.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned()).await;
+        let login = server.login(email).await;
+        assert_eq!(login.status(), 200, "{email} lost");
+        let own: Value = login.json().await.unwrap();
+        let own_token = own["access_token"].as_str().unwrap();
+        let r = server.get(&format!("/users/{id}"), own_token).await;
         assert_eq!(r.status(), 200, "{email} missing from the users read model");
-        assert_eq!(server.get(&format!("/profiles/{id}"), &token).await.status(), 200);
+        assert_eq!(
+            server
+                .get(&format!("/profiles/{id}"), &token)
+                .await
+                .status(),
+            200
+        );
     }
     server.kill_9();
 }
@@ -132,15 +167,30 @@ async fn events_committed_behind_the_projectors_back_are_caught_up(backend: Back
         location: None,
         website: None,
     };
-    profiles.execute(&id, ProfileCommand::Update(fields), &(), None, &CommandMeta::system("test")).await.unwrap();
+    profiles
+        .execute(
+            &id,
+            ProfileCommand::Update(fields),
+            &(),
+            None,
+            &CommandMeta::system("test"),
+        )
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = app.get(&format!("/profiles/{id}"), &token).await;
         if r.headers()["etag"] == "\"2\"" {
-            assert_eq!(r.json::<Value>().await.unwrap()["display_name"], "Behind your back");
+            assert_eq!(
+                r.json::<Value>().await.unwrap()["display_name"],
+                "Behind your back"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "the background projector never caught up");
+        assert!(
+            Instant::now() < deadline,
+            "the background projector never caught up"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
@@ -154,10 +204,23 @@ async fn events_committed_behind_the_projectors_back_are_caught_up(backend: Back
         location: None,
         website: None,
     };
-    store.aggregates::<domain::Profile>().execute(&id, ProfileCommand::Update(fields), &(), None, &CommandMeta::system("test")).await.unwrap();
+    store
+        .aggregates::<domain::Profile>()
+        .execute(
+            &id,
+            ProfileCommand::Update(fields),
+            &(),
+            None,
+            &CommandMeta::system("test"),
+        )
+        .await
+        .unwrap();
     store.close().await;
     let rt = tests::runtime(&db).await;
-    rt.projector.catch_up_through_now(Duration::from_secs(5)).await.unwrap();
+    rt.projector
+        .catch_up_through_now(Duration::from_secs(5))
+        .await
+        .unwrap();
     let view = rt.state.profile_reader.get(uid).await.unwrap().unwrap();
     assert_eq!(view.display_name, "While you were out");
     assert_eq!(view.version, 3);
@@ -169,27 +232,61 @@ async fn replaying_the_feed_from_zero_changes_nothing(backend: Backend) {
     let mut ids = Vec::new();
     for i in 0..5 {
         let (id, token) = app.signed_up(&format!("u{i}@example.com")).await;
-        let r = app.put_profile(&id, &token, None, &json!({"display_name": format!("Name {i}"), "bio": "b"})).await;
+        let r = app
+            .put_profile(
+                &id,
+                &token,
+                None,
+                &json!({"display_name": format!("Name {i}"), "bio": "b"}),
+            )
+            .await;
         assert_eq!(r.status(), 200);
         ids.push(UserId::parse(&id).unwrap());
     }
     let rt = tests::runtime(&app.db).await;
     let reader = rt.state.profile_reader.clone();
-    let before_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id))).await.into_iter().map(|r| r.unwrap()).collect();
+    let before_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id)))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     let before_users = rt.state.read_models.users(None, 100).await.unwrap();
     for name in ["users", "profiles", "profile_provisioner"] {
-        rt.projector.checkpoints().save(name, Position::START).await.unwrap();
+        rt.projector
+            .checkpoints()
+            .save(name, Position::START)
+            .await
+            .unwrap();
     }
-    let report = rt.projector.catch_up_through_now(Duration::from_secs(5)).await.unwrap();
+    let report = rt
+        .projector
+        .catch_up_through_now(Duration::from_secs(5))
+        .await
+        .unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
     assert!(report.applied.iter().all(|(_, n)| *n > 0), "{report:?}");
-    let after_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id))).await.into_iter().map(|r| r.unwrap()).collect();
+    let after_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id)))
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
     let after_users = rt.state.read_models.users(None, 100).await.unwrap();
     assert_eq!(before_profiles, after_profiles);
     assert_eq!(before_users, after_users);
     // And no profile was opened twice by the provisioner's replay.
-    let events = app.store.feed().read_after(Position::START, 10_000).await.unwrap();
-    assert_eq!(events.iter().filter(|e| e.event_type == "ProfileCreated").count(), 5);
+    let events = app
+        .store
+        .feed()
+        .read_after(Position::START, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.event_type == "ProfileCreated")
+            .count(),
+        5
+    );
 }
 
 /// Only one driver per projection at a time: while one holds the lock, another backs off.
@@ -204,7 +301,13 @@ async fn one_driver_per_projection(backend: Backend) {
         // SQLite's lock is in-process: embedded mode is one process.
         &a
     };
-    let held = a.projector.checkpoints().lock("users", Duration::from_secs(1)).await.unwrap().unwrap();
+    let held = a
+        .projector
+        .checkpoints()
+        .lock("users", Duration::from_secs(1))
+        .await
+        .unwrap()
+        .unwrap();
     let err = b.projector.catch_up_one("users").await.unwrap_err();
     assert!(err.to_string().contains("driven by someone else"), "{err}");
     held.release().await;
@@ -240,10 +343,15 @@ async fn sigterm_shuts_down_gracefully() {
     let server = Server::start(&db).await;
     let pid = server.child.id();
     let t = Instant::now();
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let mut child = server.child;
-    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let exit = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(exit.success(), "{exit:?}");
     assert!(t.elapsed() < Duration::from_secs(10));
 }
@@ -252,7 +360,12 @@ async fn sigterm_shuts_down_gracefully() {
 async fn grant_admin_from_the_cli() {
     let db = TestDb::new(Backend::Sqlite).await;
     let server = Server::start(&db).await;
-    server.post("/auth/register", json!({"email": "ops@example.com", "password": PASSWORD, "display_name": "Ops"})).await;
+    server
+        .post(
+            "/auth/register",
+            json!({"email": "ops@example.com", "password": PASSWORD, "display_name": "Ops"}),
+        )
+        .await;
     let run = |args: &[&str]| {
         let mut cmd = Command::new(karmic_binary!());
         cmd.args(args).env_clear().env("RUST_LOG", "warn");
@@ -263,11 +376,23 @@ async fn grant_admin_from_the_cli() {
         cmd.output().unwrap()
     };
     let out = run(&["users", "grant-admin", "OPS@example.com"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["users", "grant-admin", "nobody@example.com"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no account with this email"));
-    let token = server.login("ops@example.com").await.json::<Value>().await.unwrap()["access_token"].as_str().unwrap().to_owned();
+    let token = server
+        .login("ops@example.com")
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let r = server.get("/users", &token).await;
     assert_eq!(r.status(), 200);
     let page: Value = r.json().await.unwrap();

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 
-use serde_json::{json, Value};
-use tests::{assert_problem, on_both_backends, Backend, TestApp, PASSWORD};
+use serde_json::{Value, json};
+use tests::{Backend, PASSWORD, TestApp, assert_problem, on_both_backends};
 
 async fn registering_returns_the_new_account(backend: Backend) {
     let app = TestApp::spawn(backend).await;
@@ -33,8 +33,15 @@ async fn concurrent_registrations_of_one_email_admit_exactly_one(backend: Backen
     for i in 0..20 {
         let app = app.clone();
         tasks.push(tokio::spawn(async move {
-            let email = if i % 2 == 0 { "race@example.com" } else { "RACE@Example.com" };
-            app.register(email, &format!("Racer {i}")).await.status().as_u16()
+            let email = if i % 2 == 0 {
+                "race@example.com"
+            } else {
+                "RACE@Example.com"
+            };
+            app.register(email, &format!("Racer {i}"))
+                .await
+                .status()
+                .as_u16()
         }));
     }
     let mut counts: HashMap<u16, usize> = HashMap::new();
@@ -45,8 +52,14 @@ async fn concurrent_registrations_of_one_email_admit_exactly_one(backend: Backen
     assert_eq!(counts.get(&409), Some(&19), "{counts:?}");
     // Exactly one user in the event store.
     let feed = app.store.feed();
-    let events = feed.read_after(commands::Position::START, 10_000).await.unwrap();
-    let registered = events.iter().filter(|e| e.event_type == "UserRegistered").count();
+    let events = feed
+        .read_after(commands::Position::START, 10_000)
+        .await
+        .unwrap();
+    let registered = events
+        .iter()
+        .filter(|e| e.event_type == "UserRegistered")
+        .count();
     assert_eq!(registered, 1);
 }
 
@@ -72,7 +85,10 @@ async fn logging_in_returns_a_bearer_token(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.register("ann@example.com", "Ann").await;
     let r = app
-        .post_json("/auth/login", &json!({"email": "Ann@Example.com", "password": PASSWORD}))
+        .post_json(
+            "/auth/login",
+            &json!({"email": "Ann@Example.com", "password": PASSWORD}),
+        )
         .await;
     assert_eq!(r.status(), 200);
     let body: Value = r.json().await.unwrap();
@@ -86,13 +102,22 @@ async fn a_wrong_email_and_a_wrong_password_are_indistinguishable(backend: Backe
     let app = TestApp::spawn(backend).await;
     app.register("ann@example.com", "Ann").await;
     let wrong_pw = app
-        .post_json("/auth/login", &json!({"email": "ann@example.com", "password": "wrong password!"}))
+        .post_json(
+            "/auth/login",
+            &json!({"email": "ann@example.com", "password": "wrong password!"}),
+        )
         .await;
     let wrong_email = app
-        .post_json("/auth/login", &json!({"email": "nobody@example.com", "password": PASSWORD}))
+        .post_json(
+            "/auth/login",
+            &json!({"email": "nobody@example.com", "password": PASSWORD}),
+        )
         .await;
     let malformed_email = app
-        .post_json("/auth/login", &json!({"email": "nobody", "password": PASSWORD}))
+        .post_json(
+            "/auth/login",
+            &json!({"email": "nobody", "password": PASSWORD}),
+        )
         .await;
     let a = assert_problem(wrong_pw, 401).await;
     let b = assert_problem(wrong_email, 401).await;
@@ -130,7 +155,13 @@ async fn the_bootstrap_admin_lists_users_page_by_page(backend: Backend) {
     }
     assert_eq!(
         seen,
-        vec!["boss@example.com", "u0@example.com", "u1@example.com", "u2@example.com", "u3@example.com"]
+        vec![
+            "boss@example.com",
+            "u0@example.com",
+            "u1@example.com",
+            "u2@example.com",
+            "u3@example.com"
+        ]
     );
     let r = app.get("/users?limit=1", &admin).await;
     let page: Value = r.json().await.unwrap();
@@ -157,8 +188,14 @@ async fn only_admins_list_users_and_only_owners_or_admins_read_one(backend: Back
     assert_eq!(me["role"], "user");
     assert_eq!(me["active"], true);
     assert_problem(app.get(&format!("/users/{bob_id}"), &ann).await, 403).await;
-    assert_eq!(app.get(&format!("/users/{bob_id}"), &boss).await.status(), 200);
-    assert_eq!(app.get(&format!("/users/{boss_id}"), &boss).await.status(), 200);
+    assert_eq!(
+        app.get(&format!("/users/{bob_id}"), &boss).await.status(),
+        200
+    );
+    assert_eq!(
+        app.get(&format!("/users/{boss_id}"), &boss).await.status(),
+        200
+    );
     let missing = uuid::Uuid::now_v7();
     assert_problem(app.get(&format!("/users/{missing}"), &boss).await, 404).await;
 }
@@ -170,7 +207,10 @@ async fn granting_admin_through_the_service_takes_effect_at_next_login(backend: 
     let rt = tests::runtime(&app.db).await;
     rt.state
         .accounts
-        .grant_admin(&domain::Email::parse("ann@example.com").unwrap(), &commands::CommandMeta::system("test"))
+        .grant_admin(
+            &domain::Email::parse("ann@example.com").unwrap(),
+            &commands::CommandMeta::system("test"),
+        )
         .await
         .unwrap();
     let after = app.login("ann@example.com").await;
@@ -178,7 +218,10 @@ async fn granting_admin_through_the_service_takes_effect_at_next_login(backend: 
     // A revoked admin loses access at once, even with a token that still says admin.
     rt.state
         .accounts
-        .revoke_admin(&domain::Email::parse("ann@example.com").unwrap(), &commands::CommandMeta::system("test"))
+        .revoke_admin(
+            &domain::Email::parse("ann@example.com").unwrap(),
+            &commands::CommandMeta::system("test"),
+        )
         .await
         .unwrap();
     assert_problem(app.get("/users", &after).await, 403).await;
@@ -239,7 +282,12 @@ async fn profiles_are_versioned_with_etags(backend: Backend) {
     assert_eq!(body["errors"][0]["field"], "website");
     let missing = uuid::Uuid::now_v7();
     assert_problem(app.get(&format!("/profiles/{missing}"), &token).await, 404).await;
-    assert_problem(app.put_profile(&id, &token, Some("nonsense"), &update).await, 400).await;
+    assert_problem(
+        app.put_profile(&id, &token, Some("nonsense"), &update)
+            .await,
+        400,
+    )
+    .await;
 }
 
 /// Writers racing at one version: one wins, the rest are told 409 (or 412 if they
@@ -255,21 +303,30 @@ async fn concurrent_profile_writes_conflict(backend: Backend) {
             let (id, token) = (id.clone(), token.clone());
             tasks.push(tokio::spawn(async move {
                 let body = json!({"display_name": format!("round {round} writer {w}")});
-                app.put_profile(&id, &token, None, &body).await.status().as_u16()
+                app.put_profile(&id, &token, None, &body)
+                    .await
+                    .status()
+                    .as_u16()
             }));
         }
         let mut statuses = Vec::new();
         for t in tasks {
             statuses.push(t.await.unwrap());
         }
-        assert!(statuses.iter().all(|s| *s == 200 || *s == 409), "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == 200 || *s == 409),
+            "{statuses:?}"
+        );
         assert!(statuses.contains(&200));
         saw_conflict |= statuses.contains(&409);
         if saw_conflict {
             break;
         }
     }
-    assert!(saw_conflict, "no write conflict in 5 rounds of 12 concurrent writers");
+    assert!(
+        saw_conflict,
+        "no write conflict in 5 rounds of 12 concurrent writers"
+    );
 }
 
 on_both_backends!(

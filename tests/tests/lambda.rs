@@ -5,14 +5,21 @@
 use handlers::Service;
 use lambda_http::request::LambdaRequest;
 use lambda_http::{Context, LambdaEvent};
-use serde_json::{json, Value};
-use tests::{Backend, TestDb, PASSWORD};
+use serde_json::{Value, json};
+use tests::{Backend, PASSWORD, TestDb};
 use tower::{Service as _, ServiceExt};
 
 const FIXTURE: &str = include_str!("../fixtures/apigw_v2_request.json");
 
 /// An API Gateway v2 event for `method path` with a body and extra headers.
-fn event(method: &str, path: &str, query: &str, body: Option<Value>, headers: &[(&str, &str)], base64: bool) -> Value {
+fn event(
+    method: &str,
+    path: &str,
+    query: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+    base64: bool,
+) -> Value {
     let mut e: Value = serde_json::from_str(FIXTURE).unwrap();
     let route_path = if path.starts_with("/profiles/") {
         "/profiles/{id}".to_owned()
@@ -27,7 +34,11 @@ fn event(method: &str, path: &str, query: &str, body: Option<Value>, headers: &[
     e["rawQueryString"] = json!(query);
     e["requestContext"]["http"]["method"] = json!(method);
     e["requestContext"]["http"]["path"] = json!(path);
-    if let Some(id) = path.rsplit('/').next().filter(|_| route_path.ends_with("{id}")) {
+    if let Some(id) = path
+        .rsplit('/')
+        .next()
+        .filter(|_| route_path.ends_with("{id}"))
+    {
         e["pathParameters"] = json!({"id": id});
     }
     for (k, v) in headers {
@@ -50,7 +61,11 @@ fn b64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -90,7 +105,14 @@ async fn the_three_functions_serve_register_login_and_profiles() {
 
     let r = invoke(
         &auth,
-        event("POST", "/auth/register", "", Some(json!({"email": "ann@example.com", "password": PASSWORD, "display_name": "Ann"})), &[], false),
+        event(
+            "POST",
+            "/auth/register",
+            "",
+            Some(json!({"email": "ann@example.com", "password": PASSWORD, "display_name": "Ann"})),
+            &[],
+            false,
+        ),
     )
     .await;
     assert_eq!(r["statusCode"], 201, "{r}");
@@ -102,32 +124,79 @@ async fn the_three_functions_serve_register_login_and_profiles() {
     // API Gateway may hand the body over base64-encoded.
     let r = invoke(
         &auth,
-        event("POST", "/auth/login", "", Some(json!({"email": "ann@example.com", "password": PASSWORD})), &[], true),
+        event(
+            "POST",
+            "/auth/login",
+            "",
+            Some(json!({"email": "ann@example.com", "password": PASSWORD})),
+            &[],
+            true,
+        ),
     )
     .await;
     assert_eq!(r["statusCode"], 200, "{r}");
     let token = body(&r)["access_token"].as_str().unwrap().to_owned();
     let bearer = format!("Bearer {token}");
 
-    let r = invoke(&profiles, event("GET", &format!("/profiles/{id}"), "", None, &[("authorization", &bearer)], false)).await;
+    let r = invoke(
+        &profiles,
+        event(
+            "GET",
+            &format!("/profiles/{id}"),
+            "",
+            None,
+            &[("authorization", &bearer)],
+            false,
+        ),
+    )
+    .await;
     assert_eq!(r["statusCode"], 200, "{r}");
     assert_eq!(r["headers"]["etag"], "\"1\"");
     assert_eq!(body(&r)["display_name"], "Ann");
 
     let r = invoke(
         &profiles,
-        event("PUT", &format!("/profiles/{id}"), "", Some(json!({"display_name": "Ann Lee"})), &[("authorization", &bearer), ("if-match", "\"1\"")], false),
+        event(
+            "PUT",
+            &format!("/profiles/{id}"),
+            "",
+            Some(json!({"display_name": "Ann Lee"})),
+            &[("authorization", &bearer), ("if-match", "\"1\"")],
+            false,
+        ),
     )
     .await;
     assert_eq!(r["statusCode"], 200, "{r}");
     assert_eq!(r["headers"]["etag"], "\"2\"");
 
-    let r = invoke(&users, event("GET", &format!("/users/{id}"), "", None, &[("authorization", &bearer)], false)).await;
+    let r = invoke(
+        &users,
+        event(
+            "GET",
+            &format!("/users/{id}"),
+            "",
+            None,
+            &[("authorization", &bearer)],
+            false,
+        ),
+    )
+    .await;
     assert_eq!(r["statusCode"], 200, "{r}");
     assert_eq!(body(&r)["email"], "ann@example.com");
 
     // Query strings arrive through rawQueryString.
-    let r = invoke(&users, event("GET", "/users", "limit=0", None, &[("authorization", &bearer)], false)).await;
+    let r = invoke(
+        &users,
+        event(
+            "GET",
+            "/users",
+            "limit=0",
+            None,
+            &[("authorization", &bearer)],
+            false,
+        ),
+    )
+    .await;
     assert_eq!(r["statusCode"], 403, "{r}");
 }
 
@@ -136,7 +205,18 @@ async fn each_function_serves_only_its_own_routes() {
     let db = TestDb::new(Backend::Sqlite).await;
     let rt = tests::runtime(&db).await;
     let auth = rt.router(Service::Auth);
-    let r = invoke(&auth, event("GET", "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001", "", None, &[], false)).await;
+    let r = invoke(
+        &auth,
+        event(
+            "GET",
+            "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001",
+            "",
+            None,
+            &[],
+            false,
+        ),
+    )
+    .await;
     assert_eq!(r["statusCode"], 404);
     assert_eq!(r["headers"]["content-type"], "application/problem+json");
     let r = invoke(&auth, event("GET", "/health", "", None, &[], false)).await;
@@ -148,9 +228,25 @@ async fn lambda_errors_are_problem_documents_with_a_bearer_challenge() {
     let db = TestDb::new(Backend::Sqlite).await;
     let rt = tests::runtime(&db).await;
     let profiles = rt.router(Service::Profiles);
-    let r = invoke(&profiles, event("GET", "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001", "", None, &[], false)).await;
+    let r = invoke(
+        &profiles,
+        event(
+            "GET",
+            "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001",
+            "",
+            None,
+            &[],
+            false,
+        ),
+    )
+    .await;
     assert_eq!(r["statusCode"], 401);
-    assert!(r["headers"]["www-authenticate"].as_str().unwrap().starts_with("Bearer"));
+    assert!(
+        r["headers"]["www-authenticate"]
+            .as_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
     assert_eq!(body(&r)["type"], "https://karmic.dev/problems/unauthorized");
     let auth = rt.router(Service::Auth);
     let mut e = event("POST", "/auth/register", "", None, &[], false);

@@ -21,9 +21,9 @@ use serde_json::Value;
 use sqlite_es::SqliteEventRepository;
 use sqlx::{PgPool, SqlitePool};
 
+use crate::CommandMeta;
 use crate::error::{CommandError, StoreError};
 use crate::upcast::upcasters;
-use crate::CommandMeta;
 
 pub use postgres::PostgresFeed;
 pub use sqlite::SqliteFeed;
@@ -135,7 +135,9 @@ impl Database {
     /// Connect to Postgres (`postgres://…`) or open a SQLite file (`sqlite://path`).
     pub async fn connect(url: &str, settings: &PoolSettings) -> Result<Database, StoreError> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            postgres::connect(url, settings).await.map(Database::Postgres)
+            postgres::connect(url, settings)
+                .await
+                .map(Database::Postgres)
         } else if url.starts_with("sqlite:") {
             sqlite::connect(url, settings).await.map(Database::Sqlite)
         } else {

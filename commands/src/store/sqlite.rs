@@ -156,7 +156,7 @@ pub(super) async fn reserve_email(
             let id: String = r.try_get("user_id")?;
             let at: String = r.try_get("reserved_at")?;
             Ok(Reservation::HeldBy {
-                user_id: domain::UserId::parse(&id).map_err(|e| StoreError::msg(e))?,
+                user_id: domain::UserId::parse(&id).map_err(StoreError::msg)?,
                 reserved_at: parse_time(&at)?,
             })
         }

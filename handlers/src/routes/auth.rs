@@ -96,9 +96,10 @@ pub async fn register(
     let password = v.check(Password::parse(&body.password));
     let display_name = v.check(DisplayName::parse(&body.display_name));
     v.finish()?;
-    let (Some(email), Some(password), Some(display_name)) = (email, password, display_name)
-    else {
-        return Err(ApiError::Internal(anyhow::anyhow!("validator passed a missing field")));
+    let (Some(email), Some(password), Some(display_name)) = (email, password, display_name) else {
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "validator passed a missing field"
+        )));
     };
     let registered = state
         .accounts

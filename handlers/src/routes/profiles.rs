@@ -96,7 +96,10 @@ fn parse_versions(value: &str) -> Result<Option<Vec<u64>>, ApiError> {
         .map(Some)
 }
 
-fn header_str<'h>(headers: &'h HeaderMap, name: header::HeaderName) -> Result<Option<&'h str>, ApiError> {
+fn header_str(
+    headers: &HeaderMap,
+    name: header::HeaderName,
+) -> Result<Option<&str>, ApiError> {
     headers
         .get(&name)
         .map(|v| {
@@ -174,7 +177,9 @@ pub async fn put_profile(
 ) -> Result<Response, ApiError> {
     let id = UserId::from_uuid(id);
     if who.user_id != id {
-        return Err(ApiError::Forbidden("only the owner may edit a profile".to_owned()));
+        return Err(ApiError::Forbidden(
+            "only the owner may edit a profile".to_owned(),
+        ));
     }
     let expected = match header_str(&headers, header::IF_MATCH)? {
         None => None,
@@ -191,12 +196,20 @@ pub async fn put_profile(
     let mut v = Validator::default();
     let display_name = v.check(DisplayName::parse(&body.display_name));
     let bio = body.bio.as_deref().map(|s| v.check(Bio::parse(s)));
-    let avatar_url = body.avatar_url.as_deref().map(|s| v.check(AvatarUrl::parse(s)));
-    let location = body.location.as_deref().map(|s| v.check(Location::parse(s)));
+    let avatar_url = body
+        .avatar_url
+        .as_deref()
+        .map(|s| v.check(AvatarUrl::parse(s)));
+    let location = body
+        .location
+        .as_deref()
+        .map(|s| v.check(Location::parse(s)));
     let website = body.website.as_deref().map(|s| v.check(Website::parse(s)));
     v.finish()?;
     let Some(display_name) = display_name else {
-        return Err(ApiError::Internal(anyhow::anyhow!("validator passed a missing field")));
+        return Err(ApiError::Internal(anyhow::anyhow!(
+            "validator passed a missing field"
+        )));
     };
     let fields = ProfileFields {
         display_name,

@@ -58,7 +58,11 @@ async fn require_admin(state: &AppState, who: &AuthUser) -> Result<(), ApiError>
     if !who.is_admin() {
         return Err(ApiError::Forbidden("this needs the admin role".to_owned()));
     }
-    let user = state.accounts.users().load(&who.user_id.to_string()).await?;
+    let user = state
+        .accounts
+        .users()
+        .load(&who.user_id.to_string())
+        .await?;
     if user.state.role == Role::Admin && user.state.active {
         Ok(())
     } else {
@@ -87,7 +91,9 @@ pub async fn list_users(
     require_admin(&state, &who).await?;
     let limit = params.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
-        return Err(ApiError::BadRequest("limit must be between 1 and 200".to_owned()));
+        return Err(ApiError::BadRequest(
+            "limit must be between 1 and 200".to_owned(),
+        ));
     }
     let after = params
         .cursor
