@@ -24,6 +24,35 @@ if command -v redis-server >/dev/null && ! redis_up; then
   for _ in $(seq 1 40); do redis_up && break; sleep 0.25; done
 fi
 
+# SecantusDB: a MongoDB-wire-compatible server standing in for DocumentDB.
+SECANTUS_VERSION=0.7.0b3
+MONGO_PORT=${KARMIC_TEST_MONGODB_PORT:-27017}
+mongo_up() { python3 - "$MONGO_PORT" <<'PY' 2>/dev/null
+import socket, struct, sys
+# OP_MSG {ping: 1, $db: "admin"}: a real round trip, not just an open port.
+doc = b"\x10ping\x00\x01\x00\x00\x00\x02$db\x00\x06\x00\x00\x00admin\x00\x00"
+doc = struct.pack("<i", len(doc) + 4) + doc
+body = struct.pack("<I", 0) + b"\x00" + doc
+msg = struct.pack("<iiii", 16 + len(body), 1, 0, 2013) + body
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2)
+s.sendall(msg)
+sys.exit(0 if len(s.recv(16)) == 16 else 1)
+PY
+}
+if ! mongo_up; then
+  if ! command -v secantusd-py >/dev/null || ! pip show SecantusDB 2>/dev/null | grep -q "^Version: ${SECANTUS_VERSION}$"; then
+    log "installing SecantusDB ${SECANTUS_VERSION}"
+    pip install --quiet --disable-pip-version-check "SecantusDB==${SECANTUS_VERSION}"
+  fi
+  log "starting SecantusDB on 127.0.0.1:${MONGO_PORT}"
+  mkdir -p "${KARMIC_SECANTUS_DIR:-/var/tmp/karmic-secantus}"
+  nohup secantusd-py --host 127.0.0.1 --port "$MONGO_PORT" \
+    --storage-path "${KARMIC_SECANTUS_DIR:-/var/tmp/karmic-secantus}" \
+    > /var/tmp/karmic-secantus.log 2>&1 &
+  for _ in $(seq 1 120); do mongo_up && break; sleep 0.5; done
+  mongo_up || { log "SecantusDB did not start; see /var/tmp/karmic-secantus.log"; exit 1; }
+fi
+
 # Drop databases left behind by test runs that were killed.
 psql -h 127.0.0.1 -U postgres -d test -Atqc \
   "select datname from pg_database where datname like 'karmic_t_%'" |

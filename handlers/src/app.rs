@@ -15,9 +15,11 @@ use commands::profiles::Profiles;
 use commands::store::PoolSettings;
 use commands::{AfterCommit, CommandMeta, Database, NoAfterCommit};
 use domain::Email;
+use projections::cache::{CacheSettings, CachedProfiles, LocalCache, ProfileCache, RedisCache};
 use projections::checkpoint::CheckpointStore;
+use projections::mongo::{MongoProfiles, MongoSettings};
 use projections::provisioner::ProfileProvisioner;
-use projections::read_models::{ProfileStore, ProfilesProjection, UsersProjection};
+use projections::read_models::{ProfileStore, ProfilesProjection, SqlProfiles, UsersProjection};
 use projections::{Projection, Projector, ProjectorSettings, ReadModels};
 use secrecy::SecretString;
 use tokio::net::TcpListener;
@@ -181,7 +183,7 @@ impl Runtime {
             .transpose()
             .context("KARMIC_BOOTSTRAP_ADMIN_EMAIL is not a valid email")?;
         let read_models = ReadModels::new(&db);
-        let profile_store: Arc<dyn ProfileStore> = Arc::new(read_models.clone());
+        let profile_store = profile_store(&settings, &read_models).await?;
 
         // The provisioner issues commands; its own commits need no read-your-writes wait.
         let provisioner_accounts = Accounts::new(
@@ -230,6 +232,50 @@ impl Runtime {
     pub fn router(&self, service: Service) -> Router {
         router(self.state.clone(), service, &self.settings)
     }
+}
+
+/// The profile read model as configured: DocumentDB or SQL, behind Redis, behind an
+/// in-process cache (embedded mode only: one process, so its own projector keeps it
+/// fresh), or uncached.
+async fn profile_store(
+    settings: &Settings,
+    read_models: &ReadModels,
+) -> Result<Arc<dyn ProfileStore>> {
+    use secrecy::ExposeSecret;
+    let store: Arc<dyn ProfileStore> = match &settings.mongodb_url {
+        Some(url) => {
+            let mongo = MongoProfiles::connect(&MongoSettings {
+                url: url.expose_secret().to_owned(),
+                database: settings.mongodb_database.clone(),
+                tls_ca_file: settings.mongodb_tls_ca_file.clone(),
+                timeout: settings.mongodb_timeout,
+            })
+            .await?;
+            if settings.auto_migrate {
+                mongo.migrate().await?;
+            }
+            Arc::new(mongo)
+        }
+        None => Arc::new(SqlProfiles::new(read_models.clone())),
+    };
+    let cache_settings = CacheSettings {
+        ttl: settings.profile_cache_ttl,
+        timeout: settings.redis_timeout,
+    };
+    let cache: Option<Arc<dyn ProfileCache>> = match &settings.redis_url {
+        Some(url) => Some(Arc::new(
+            RedisCache::connect(url.expose_secret(), cache_settings).await?,
+        )),
+        None if settings.is_embedded() => Some(Arc::new(LocalCache::new(
+            settings.profile_cache_ttl,
+            100_000,
+        ))),
+        None => None,
+    };
+    Ok(match cache {
+        Some(cache) => Arc::new(CachedProfiles::new(store, cache)),
+        None => store,
+    })
 }
 
 async fn connect(settings: &Settings) -> Result<Database> {

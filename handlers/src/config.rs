@@ -42,6 +42,19 @@ pub struct Settings {
     pub projection_poll: Duration,
     /// Apply migrations when the server starts (`KARMIC_AUTO_MIGRATE`, default true).
     pub auto_migrate: bool,
+    /// DocumentDB/MongoDB for the profile read model (`KARMIC_MONGODB_URL`); unset keeps
+    /// profiles in SQL. May hold credentials, hence secret.
+    pub mongodb_url: Option<SecretString>,
+    pub mongodb_database: String,
+    /// CA bundle for DocumentDB's TLS (`KARMIC_MONGODB_TLS_CA_FILE`).
+    pub mongodb_tls_ca_file: Option<PathBuf>,
+    pub mongodb_timeout: Duration,
+    /// Redis in front of profile reads (`KARMIC_REDIS_URL`).
+    pub redis_url: Option<SecretString>,
+    /// Profile cache TTL, 300 to 600 s (`KARMIC_PROFILE_CACHE_TTL_SECS`).
+    pub profile_cache_ttl: Duration,
+    /// The longest a request waits on Redis (`KARMIC_REDIS_TIMEOUT_MS`).
+    pub redis_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -73,6 +86,13 @@ struct FileSettings {
     argon2_parallelism: Option<u32>,
     projection_poll_ms: Option<u64>,
     auto_migrate: Option<bool>,
+    mongodb_url: Option<String>,
+    mongodb_database: Option<String>,
+    mongodb_tls_ca_file: Option<PathBuf>,
+    mongodb_timeout_ms: Option<u64>,
+    redis_url: Option<String>,
+    profile_cache_ttl_secs: Option<u64>,
+    redis_timeout_ms: Option<u64>,
 }
 
 impl Default for Settings {
@@ -95,6 +115,13 @@ impl Default for Settings {
             argon2_parallelism: 1,
             projection_poll: Duration::from_millis(500),
             auto_migrate: true,
+            mongodb_url: None,
+            mongodb_database: "karmic".to_owned(),
+            mongodb_tls_ca_file: None,
+            mongodb_timeout: Duration::from_secs(2),
+            redis_url: None,
+            profile_cache_ttl: Duration::from_secs(300),
+            redis_timeout: Duration::from_millis(50),
         }
     }
 }
@@ -184,6 +211,27 @@ impl Settings {
         if let Some(v) = f.auto_migrate {
             self.auto_migrate = v;
         }
+        if let Some(v) = f.mongodb_url {
+            self.mongodb_url = Some(v.into());
+        }
+        if let Some(v) = f.mongodb_database {
+            self.mongodb_database = v;
+        }
+        if let Some(v) = f.mongodb_tls_ca_file {
+            self.mongodb_tls_ca_file = Some(v);
+        }
+        if let Some(v) = f.mongodb_timeout_ms {
+            self.mongodb_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = f.redis_url {
+            self.redis_url = Some(v.into());
+        }
+        if let Some(v) = f.profile_cache_ttl_secs {
+            self.profile_cache_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = f.redis_timeout_ms {
+            self.redis_timeout = Duration::from_millis(v);
+        }
         Ok(())
     }
 
@@ -249,6 +297,28 @@ impl Settings {
         if let Some(v) = get("KARMIC_AUTO_MIGRATE") {
             self.auto_migrate = parse("KARMIC_AUTO_MIGRATE", v)?;
         }
+        if let Some(v) = get("KARMIC_MONGODB_URL") {
+            self.mongodb_url = Some(v.to_owned().into());
+        }
+        if let Some(v) = get("KARMIC_MONGODB_DATABASE") {
+            self.mongodb_database = v.to_owned();
+        }
+        if let Some(v) = get("KARMIC_MONGODB_TLS_CA_FILE") {
+            self.mongodb_tls_ca_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("KARMIC_MONGODB_TIMEOUT_MS") {
+            self.mongodb_timeout = Duration::from_millis(parse("KARMIC_MONGODB_TIMEOUT_MS", v)?);
+        }
+        if let Some(v) = get("KARMIC_REDIS_URL") {
+            self.redis_url = Some(v.to_owned().into());
+        }
+        if let Some(v) = get("KARMIC_PROFILE_CACHE_TTL_SECS") {
+            self.profile_cache_ttl =
+                Duration::from_secs(parse("KARMIC_PROFILE_CACHE_TTL_SECS", v)?);
+        }
+        if let Some(v) = get("KARMIC_REDIS_TIMEOUT_MS") {
+            self.redis_timeout = Duration::from_millis(parse("KARMIC_REDIS_TIMEOUT_MS", v)?);
+        }
         Ok(())
     }
 
@@ -268,6 +338,23 @@ impl Settings {
         }
         if self.body_limit_bytes < 1024 {
             bail!("KARMIC_BODY_LIMIT_BYTES must be at least 1024");
+        }
+        if !(300..=600).contains(&self.profile_cache_ttl.as_secs()) {
+            bail!("KARMIC_PROFILE_CACHE_TTL_SECS must be between 300 and 600 (5 to 10 minutes)");
+        }
+        if self.redis_timeout.is_zero() || self.redis_timeout > Duration::from_secs(5) {
+            bail!("KARMIC_REDIS_TIMEOUT_MS must be between 1 and 5000");
+        }
+        if let Some(u) = &self.mongodb_url
+            && !u.expose_secret().starts_with("mongodb://")
+        {
+            bail!("KARMIC_MONGODB_URL must be a mongodb:// URL");
+        }
+        if let Some(u) = &self.redis_url
+            && !(u.expose_secret().starts_with("redis://")
+                || u.expose_secret().starts_with("rediss://"))
+        {
+            bail!("KARMIC_REDIS_URL must be a redis:// or rediss:// URL");
         }
         if self.token_ttl < Duration::from_secs(60) {
             bail!("KARMIC_TOKEN_TTL_SECS must be at least 60");

@@ -67,7 +67,7 @@ pub enum ApiError {
     /// 415.
     #[error("{0}")]
     UnsupportedMediaType(String),
-    /// 503: a dependency is down; retry later.
+    /// 503: a dependency is down; retry later. The cause is logged, not shown.
     #[error("{0}")]
     Unavailable(String),
     /// 500: our fault. The cause is logged, never shown.
@@ -129,6 +129,9 @@ impl ApiError {
         let status = self.status();
         let detail = match self {
             ApiError::Internal(_) => "an internal error occurred".to_owned(),
+            ApiError::Unavailable(_) => {
+                "a backing service is unavailable; retry shortly".to_owned()
+            }
             ApiError::Validation(errs) => format!(
                 "{} field(s) invalid: {}",
                 errs.len(),

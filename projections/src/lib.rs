@@ -7,8 +7,10 @@
 //! re-applies a batch, which changes nothing. One driver per projection at a time: a
 //! Postgres advisory lock (an in-process lock on SQLite).
 
+pub mod cache;
 pub mod checkpoint;
 pub mod engine;
+pub mod mongo;
 pub mod provisioner;
 pub mod read_models;
 

@@ -60,7 +60,9 @@ impl ProfileView {
             location: p.location,
             website: p.website,
             version: sequence,
-            updated_at: at,
+            // Milliseconds: the precision every store keeps (BSON dates have no more), so
+            // a view reads back equal to what was written, whichever store holds it.
+            updated_at: DateTime::from_timestamp_millis(at.timestamp_millis()).unwrap_or(at),
         }
     }
 }
@@ -246,73 +248,201 @@ fn sqlite_user(r: &sqlx::sqlite::SqliteRow) -> Result<UserView> {
     })
 }
 
-/// The profile read-model port. Adapters: SQL (here) and, in the AWS configuration,
-/// DocumentDB.
+/// The profile read-model port. Adapters: SQL ([`SqlProfiles`]) and, in the AWS
+/// configuration, DocumentDB (`mongo::MongoProfiles`); [`crate::cache::CachedProfiles`]
+/// puts a cache in front of either. One contract test suite runs against all of them.
 #[async_trait::async_trait]
 pub trait ProfileStore: Send + Sync {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>>;
-    /// Store `view` unless the stored one has the same or a higher version.
-    async fn upsert(&self, view: &ProfileView) -> Result<()>;
+    /// Store `view` unless the stored one has the same or a higher version. Returns
+    /// whether it was stored.
+    async fn upsert(&self, view: &ProfileView) -> Result<bool>;
+    /// Every stored profile (consistency checks; not for request paths).
+    async fn all(&self) -> Result<Vec<ProfileView>>;
+    /// An empty store beside the live one, to rebuild into while the live one serves.
+    async fn begin_rebuild(&self) -> Result<RebuildTarget>;
+    /// Make `target` the live store in one atomic step and drop the old one.
+    async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()>;
 }
 
+/// A store being rebuilt: its name in the backing database and a handle to write to it.
+pub struct RebuildTarget {
+    pub name: String,
+    pub store: Arc<dyn ProfileStore>,
+}
+
+/// Profiles in a SQL table (`profiles_view`, or the rebuild table beside it).
+#[derive(Clone, Debug)]
+pub struct SqlProfiles {
+    db: ReadModels,
+    table: String,
+}
+
+pub const PROFILES_TABLE: &str = "profiles_view";
+const PROFILES_REBUILD_TABLE: &str = "profiles_view_rebuild";
+
+impl SqlProfiles {
+    pub fn new(db: ReadModels) -> Self {
+        SqlProfiles {
+            db,
+            table: PROFILES_TABLE.to_owned(),
+        }
+    }
+}
+
+fn pg_profile(r: &sqlx::postgres::PgRow) -> Result<ProfileView> {
+    Ok(ProfileView {
+        user_id: UserId::from_uuid(r.try_get("user_id")?),
+        display_name: r.try_get("display_name")?,
+        bio: r.try_get("bio")?,
+        avatar_url: r.try_get("avatar_url")?,
+        location: r.try_get("location")?,
+        website: r.try_get("website")?,
+        version: r.try_get("version")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn sqlite_profile(r: &sqlx::sqlite::SqliteRow) -> Result<ProfileView> {
+    let uid: String = r.try_get("user_id")?;
+    let at: String = r.try_get("updated_at")?;
+    Ok(ProfileView {
+        user_id: UserId::parse(&uid)?,
+        display_name: r.try_get("display_name")?,
+        bio: r.try_get("bio")?,
+        avatar_url: r.try_get("avatar_url")?,
+        location: r.try_get("location")?,
+        website: r.try_get("website")?,
+        version: r.try_get("version")?,
+        updated_at: parse_time(&at)?,
+    })
+}
+
+const PROFILE_COLS: &str =
+    "user_id, display_name, bio, avatar_url, location, website, version, updated_at";
+
 #[async_trait::async_trait]
-impl ProfileStore for ReadModels {
+impl ProfileStore for SqlProfiles {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>> {
-        const COLS: &str =
-            "user_id, display_name, bio, avatar_url, location, website, version, updated_at";
-        match self {
-            ReadModels::Postgres(p) => {
-                let row = sqlx::query(&format!(
-                    "SELECT {COLS} FROM profiles_view WHERE user_id = $1"
-                ))
-                .bind(id.as_uuid())
-                .fetch_optional(p)
-                .await?;
-                row.map(|r| -> Result<ProfileView> {
-                    Ok(ProfileView {
-                        user_id: UserId::from_uuid(r.try_get("user_id")?),
-                        display_name: r.try_get("display_name")?,
-                        bio: r.try_get("bio")?,
-                        avatar_url: r.try_get("avatar_url")?,
-                        location: r.try_get("location")?,
-                        website: r.try_get("website")?,
-                        version: r.try_get("version")?,
-                        updated_at: r.try_get("updated_at")?,
-                    })
-                })
-                .transpose()
-            }
+        let t = &self.table;
+        match &self.db {
+            ReadModels::Postgres(p) => sqlx::query(&format!(
+                "SELECT {PROFILE_COLS} FROM {t} WHERE user_id = $1"
+            ))
+            .bind(id.as_uuid())
+            .fetch_optional(p)
+            .await?
+            .map(|r| pg_profile(&r))
+            .transpose(),
             ReadModels::Sqlite(p) => {
-                let row = sqlx::query(&format!(
-                    "SELECT {COLS} FROM profiles_view WHERE user_id = ?"
-                ))
-                .bind(id.to_string())
-                .fetch_optional(p)
-                .await?;
-                row.map(|r| -> Result<ProfileView> {
-                    let uid: String = r.try_get("user_id")?;
-                    let at: String = r.try_get("updated_at")?;
-                    Ok(ProfileView {
-                        user_id: UserId::parse(&uid)?,
-                        display_name: r.try_get("display_name")?,
-                        bio: r.try_get("bio")?,
-                        avatar_url: r.try_get("avatar_url")?,
-                        location: r.try_get("location")?,
-                        website: r.try_get("website")?,
-                        version: r.try_get("version")?,
-                        updated_at: parse_time(&at)?,
-                    })
-                })
-                .transpose()
+                sqlx::query(&format!("SELECT {PROFILE_COLS} FROM {t} WHERE user_id = ?"))
+                    .bind(id.to_string())
+                    .fetch_optional(p)
+                    .await?
+                    .map(|r| sqlite_profile(&r))
+                    .transpose()
             }
         }
     }
 
-    async fn upsert(&self, v: &ProfileView) -> Result<()> {
-        match self {
+    async fn all(&self) -> Result<Vec<ProfileView>> {
+        let t = &self.table;
+        match &self.db {
             ReadModels::Postgres(p) => {
-                sqlx::query(
-                    "INSERT INTO profiles_view
+                sqlx::query(&format!("SELECT {PROFILE_COLS} FROM {t} ORDER BY user_id"))
+                    .fetch_all(p)
+                    .await?
+                    .iter()
+                    .map(pg_profile)
+                    .collect()
+            }
+            ReadModels::Sqlite(p) => {
+                sqlx::query(&format!("SELECT {PROFILE_COLS} FROM {t} ORDER BY user_id"))
+                    .fetch_all(p)
+                    .await?
+                    .iter()
+                    .map(sqlite_profile)
+                    .collect()
+            }
+        }
+    }
+
+    async fn begin_rebuild(&self) -> Result<RebuildTarget> {
+        let (live, next) = (PROFILES_TABLE, PROFILES_REBUILD_TABLE);
+        match &self.db {
+            ReadModels::Postgres(p) => {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
+                    .execute(p)
+                    .await?;
+                sqlx::query(&format!("CREATE TABLE {next} (LIKE {live} INCLUDING ALL)"))
+                    .execute(p)
+                    .await?;
+            }
+            ReadModels::Sqlite(p) => {
+                // Copy the live table's own DDL, renamed, so the two never drift apart.
+                let ddl: String = sqlx::query_scalar(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                )
+                .bind(live)
+                .fetch_one(p)
+                .await?;
+                let ddl = ddl.replacen(live, next, 1);
+                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
+                    .execute(p)
+                    .await?;
+                sqlx::query(&ddl).execute(p).await?;
+            }
+        }
+        Ok(RebuildTarget {
+            name: next.to_owned(),
+            store: Arc::new(SqlProfiles {
+                db: self.db.clone(),
+                table: next.to_owned(),
+            }),
+        })
+    }
+
+    async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()> {
+        let (live, next) = (PROFILES_TABLE, target.name.as_str());
+        let old = format!("{live}_old");
+        // DDL is transactional on both: readers see the old table or the new, never neither.
+        match &self.db {
+            ReadModels::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query(&format!("ALTER TABLE {live} RENAME TO {old}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("ALTER TABLE {next} RENAME TO {live}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("DROP TABLE {old}"))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+            ReadModels::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                sqlx::query(&format!("ALTER TABLE {live} RENAME TO {old}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("ALTER TABLE {next} RENAME TO {live}"))
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(&format!("DROP TABLE {old}"))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn upsert(&self, v: &ProfileView) -> Result<bool> {
+        let stored = match &self.db {
+            ReadModels::Postgres(p) => {
+                let t = &self.table;
+                sqlx::query(&format!(
+                    "INSERT INTO {t}
                         (user_id, display_name, bio, avatar_url, location, website, version, updated_at)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                      ON CONFLICT (user_id) DO UPDATE
@@ -320,8 +450,8 @@ impl ProfileStore for ReadModels {
                             avatar_url = EXCLUDED.avatar_url, location = EXCLUDED.location,
                             website = EXCLUDED.website, version = EXCLUDED.version,
                             updated_at = EXCLUDED.updated_at
-                      WHERE profiles_view.version < EXCLUDED.version",
-                )
+                      WHERE {t}.version < EXCLUDED.version"
+                ))
                 .bind(v.user_id.as_uuid())
                 .bind(&v.display_name)
                 .bind(&v.bio)
@@ -332,11 +462,13 @@ impl ProfileStore for ReadModels {
                 .bind(v.updated_at)
                 .execute(p)
                 .await
-                .context("upserting profiles_view")?;
+                .context("upserting profiles_view")?
+                .rows_affected()
             }
             ReadModels::Sqlite(p) => {
-                sqlx::query(
-                    "INSERT INTO profiles_view
+                let t = &self.table;
+                sqlx::query(&format!(
+                    "INSERT INTO {t}
                         (user_id, display_name, bio, avatar_url, location, website, version, updated_at)
                      VALUES (?, ?, ?, ?, ?, ?, ?, ?)
                      ON CONFLICT (user_id) DO UPDATE
@@ -344,8 +476,8 @@ impl ProfileStore for ReadModels {
                             avatar_url = excluded.avatar_url, location = excluded.location,
                             website = excluded.website, version = excluded.version,
                             updated_at = excluded.updated_at
-                      WHERE profiles_view.version < excluded.version",
-                )
+                      WHERE {t}.version < excluded.version"
+                ))
                 .bind(v.user_id.to_string())
                 .bind(&v.display_name)
                 .bind(&v.bio)
@@ -356,10 +488,11 @@ impl ProfileStore for ReadModels {
                 .bind(ts(v.updated_at))
                 .execute(p)
                 .await
-                .context("upserting profiles_view")?;
+                .context("upserting profiles_view")?
+                .rows_affected()
             }
-        }
-        Ok(())
+        };
+        Ok(stored == 1)
     }
 }
 

@@ -136,6 +136,74 @@ impl Drop for TestDb {
     }
 }
 
+/// The MongoDB-compatible server the tests use (SecantusDB, started by scripts/services.sh).
+pub fn mongodb_url() -> String {
+    std::env::var("KARMIC_TEST_MONGODB_URL").unwrap_or_else(|_| {
+        "mongodb://127.0.0.1:27017/?directConnection=true&retryWrites=false".to_owned()
+    })
+}
+
+/// The Redis the tests use.
+pub fn redis_url() -> String {
+    std::env::var("KARMIC_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned())
+}
+
+/// A MongoDB database of its own for one test, dropped afterwards.
+pub struct TestMongo {
+    pub url: String,
+    pub database: String,
+}
+
+impl TestMongo {
+    pub fn new() -> TestMongo {
+        TestMongo {
+            url: mongodb_url(),
+            database: format!("karmic_t_{}", uuid::Uuid::new_v4().simple()),
+        }
+    }
+
+    pub fn settings(&self) -> projections::mongo::MongoSettings {
+        projections::mongo::MongoSettings {
+            url: self.url.clone(),
+            database: self.database.clone(),
+            tls_ca_file: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub async fn profiles(&self) -> projections::mongo::MongoProfiles {
+        let m = projections::mongo::MongoProfiles::connect(&self.settings())
+            .await
+            .unwrap();
+        m.migrate().await.unwrap();
+        m
+    }
+}
+
+impl Default for TestMongo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestMongo {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.database.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(c) = mongodb::Client::with_uri_str(&url).await {
+                    let _ = c.database(&name).drop().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";
 
 /// A running app on a throwaway database.

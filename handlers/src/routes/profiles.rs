@@ -96,10 +96,7 @@ fn parse_versions(value: &str) -> Result<Option<Vec<u64>>, ApiError> {
         .map(Some)
 }
 
-fn header_str(
-    headers: &HeaderMap,
-    name: header::HeaderName,
-) -> Result<Option<&str>, ApiError> {
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&str>, ApiError> {
     headers
         .get(&name)
         .map(|v| {
@@ -133,7 +130,10 @@ pub async fn get_profile(
     let view = state
         .profile_reader
         .get(UserId::from_uuid(id))
-        .await?
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!("the profile read model is unavailable: {e:#}"))
+        })?
         .ok_or_else(|| ApiError::NotFound("no such profile".to_owned()))?;
     let version = u64::try_from(view.version).unwrap_or_default();
     if let Some(inm) = header_str(&headers, header::IF_NONE_MATCH)?

@@ -15,10 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::{Backend, TestApp, PASSWORD};
+use tests::{Backend, PASSWORD, TestApp};
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d)
+    std::env::var(k)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(d)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -153,7 +156,12 @@ async fn main() {
         "/fixed",
         axum::routing::get(move || {
             let body = fixed.clone();
-            async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], body) }
+            async move {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    body,
+                )
+            }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -167,7 +175,12 @@ async fn main() {
             let (c, u, a) = (c.clone(), u.clone(), a.clone());
             async move {
                 let (id, token) = &u[w];
-                match c.get(a.url(&format!("/profiles/{id}"))).bearer_auth(token).send().await {
+                match c
+                    .get(a.url(&format!("/profiles/{id}")))
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                {
                     Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                     Err(_) => false,
                 }
@@ -215,7 +228,12 @@ async fn main() {
     let (put, insert) = (median(put_rates.clone()), median(insert_rates.clone()));
     let (get, bare) = (median(get_rates.clone()), median(bare_rates.clone()));
     let reg = median(reg_rates.clone());
-    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     println!("| Measure | Median ops/s | Baseline (same run) | Ratio | Target | Runs (ops/s) |");
     println!("|---|---:|---:|---:|---|---|");
     println!(
@@ -233,6 +251,10 @@ async fn main() {
     );
     println!(
         "| `POST /auth/register` (Argon2id m=19456 KiB, t=2, p=1) | {reg:.1} | – | – | – | {} |",
-        reg_rates.iter().map(|x| format!("{x:.1}")).collect::<Vec<_>>().join(", ")
+        reg_rates
+            .iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
 }
