@@ -52,6 +52,121 @@ enum UsersCommand {
 enum ProjectionsCommand {
     /// Bring every projection up to the head of the event store once.
     CatchUp,
+    /// Per projection: checkpoint, head of the event store, lag in events and seconds.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare a read model with a fresh fold of the event store; exit 1 on differences.
+    Verify {
+        /// `profiles` or `users`.
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a read model from position zero into a new collection/table, then switch
+    /// reads to it atomically. Safe to interrupt and run again.
+    Rebuild {
+        /// `profiles`.
+        name: String,
+    },
+}
+
+async fn projections(settings: Settings, command: ProjectionsCommand) -> Result<()> {
+    use projections::ops;
+    use std::io::Write;
+    let rt = Runtime::build(settings).await?;
+    let mut out = std::io::stdout().lock();
+    match command {
+        ProjectionsCommand::CatchUp => {
+            let report = rt.projector.catch_up().await?;
+            for (name, n) in &report.applied {
+                writeln!(out, "{name}: applied {n} events")?;
+            }
+            if !report.failed.is_empty() {
+                anyhow::bail!("projections failed: {:?}", report.failed);
+            }
+        }
+        ProjectionsCommand::Status { json } => {
+            let st = ops::status(&rt.projector).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&st)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<22} {:>18} {:>18} {:>10} {:>10}",
+                    "PROJECTION", "CHECKPOINT", "HEAD", "LAG", "LAG (s)"
+                )?;
+                for s in st {
+                    writeln!(
+                        out,
+                        "{:<22} {:>18} {:>18} {:>10} {:>10.1}",
+                        s.name,
+                        s.checkpoint,
+                        s.head.unwrap_or_else(|| "-".to_owned()),
+                        s.lag_events,
+                        s.lag_seconds
+                    )?;
+                }
+            }
+        }
+        ProjectionsCommand::Verify { name, json } => {
+            let feed = rt.projector.feed().clone();
+            let diffs = match name.as_str() {
+                "profiles" => ops::verify_profiles(&*feed, &*rt.state.profile_reader).await?,
+                "users" => ops::verify_users(&*feed, &rt.state.read_models).await?,
+                other => anyhow::bail!("no read model named {other:?} (profiles, users)"),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string_pretty(&diffs)?)?;
+            } else if diffs.is_empty() {
+                writeln!(
+                    out,
+                    "{name}: the read model equals a fresh fold of the event store"
+                )?;
+            } else {
+                for d in &diffs {
+                    writeln!(out, "{d}")?;
+                }
+            }
+            if !diffs.is_empty() {
+                anyhow::bail!("{name}: {} difference(s)", diffs.len());
+            }
+        }
+        ProjectionsCommand::Rebuild { name } => {
+            if name != "profiles" {
+                anyhow::bail!("only `profiles` can be rebuilt so far");
+            }
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {pos}/{len} events, {per_sec}, ETA {eta}",
+                )?
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("rebuilding {name}"));
+            let b = bar.clone();
+            let started = std::time::Instant::now();
+            let n = projections::ops::rebuild_profiles(
+                &rt.projector,
+                rt.state.profile_reader.clone(),
+                &move |done, total| {
+                    b.set_length(total);
+                    b.set_position(done);
+                },
+            )
+            .await?;
+            bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            writeln!(
+                out,
+                "{name}: rebuilt from {n} events in {secs:.1} s ({:.0} events/s); reads switched",
+                n as f64 / secs.max(1e-9)
+            )?;
+        }
+    }
+    Ok(())
 }
 
 /// Run the CLI with the process's arguments.
@@ -105,19 +220,7 @@ async fn run(cli: Cli) -> Result<()> {
             tracing::info!(%user_id, %email, admin = grant, "role changed");
             Ok(())
         }
-        Command::Projections {
-            command: ProjectionsCommand::CatchUp,
-        } => {
-            let rt = Runtime::build(settings).await?;
-            let report = rt.projector.catch_up().await?;
-            for (name, n) in &report.applied {
-                tracing::info!(projection = name, applied = n, "caught up");
-            }
-            if !report.failed.is_empty() {
-                anyhow::bail!("projections failed: {:?}", report.failed);
-            }
-            Ok(())
-        }
+        Command::Projections { command } => projections(settings, command).await,
         Command::Openapi => Ok(()),
     }
 }

@@ -216,6 +216,8 @@ pub struct CachedProfiles {
     store: Arc<dyn ProfileStore>,
     cache: Arc<dyn ProfileCache>,
     loading: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Profiles written to the store whose cache entry could not be refreshed yet.
+    dirty: Mutex<std::collections::HashSet<UserId>>,
 }
 
 impl CachedProfiles {
@@ -224,7 +226,14 @@ impl CachedProfiles {
             store,
             cache,
             loading: Mutex::new(HashMap::new()),
+            dirty: Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    fn dirty(&self) -> Result<std::sync::MutexGuard<'_, std::collections::HashSet<UserId>>> {
+        self.dirty
+            .lock()
+            .map_err(|_| anyhow::anyhow!("dirty set poisoned"))
     }
 
     fn key_lock(&self, id: UserId) -> Result<Arc<tokio::sync::Mutex<()>>> {
@@ -294,6 +303,36 @@ impl ProfileStore for CachedProfiles {
             .await
             .context("refreshing the profile cache")?;
         Ok(true)
+    }
+
+    /// Write the whole batch to the store first (a dead cache must not hold the read
+    /// model back), then bring the cache entries of everything written up to the store.
+    /// If the cache cannot be refreshed the batch fails, so the projector retries (and the
+    /// checkpoint, and `projections status`, show the lag) until it can.
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
+        for v in views {
+            if self.store.upsert(v).await? {
+                self.dirty()?.insert(v.user_id);
+            }
+        }
+        let pending: Vec<UserId> = self.dirty()?.iter().copied().collect();
+        let mut failed = 0usize;
+        for id in pending {
+            let refreshed = match self.store.get(id).await? {
+                Some(current) => self.cache.put_if_newer(&current).await,
+                None => Ok(()),
+            };
+            match refreshed {
+                Ok(()) => {
+                    self.dirty()?.remove(&id);
+                }
+                Err(_) => failed += 1,
+            }
+        }
+        if failed > 0 {
+            anyhow::bail!("{failed} profile cache entries could not be refreshed");
+        }
+        Ok(())
     }
 
     async fn all(&self) -> Result<Vec<ProfileView>> {

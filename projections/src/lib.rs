@@ -11,6 +11,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod engine;
 pub mod mongo;
+pub mod ops;
 pub mod provisioner;
 pub mod read_models;
 

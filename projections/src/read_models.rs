@@ -257,6 +257,14 @@ pub trait ProfileStore: Send + Sync {
     /// Store `view` unless the stored one has the same or a higher version. Returns
     /// whether it was stored.
     async fn upsert(&self, view: &ProfileView) -> Result<bool>;
+    /// Store a batch, in order. The default stores each; a cache overrides it so that a
+    /// cache failure never holds the store back.
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
+        for v in views {
+            self.upsert(v).await?;
+        }
+        Ok(())
+    }
     /// Every stored profile (consistency checks; not for request paths).
     async fn all(&self) -> Result<Vec<ProfileView>>;
     /// An empty store beside the live one, to rebuild into while the live one serves.
@@ -524,12 +532,17 @@ impl Projection for ProfilesProjection {
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
+        let mut views = Vec::new();
         for e in events.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
             let event: ProfileEvent = e.decode()?;
             let id = UserId::parse(&e.aggregate_id).context("profile aggregate id")?;
-            let view = ProfileView::from_event(id, event, e.sequence, e.recorded_at);
-            self.0.upsert(&view).await?;
+            views.push(ProfileView::from_event(
+                id,
+                event,
+                e.sequence,
+                e.recorded_at,
+            ));
         }
-        Ok(())
+        self.0.upsert_many(&views).await
     }
 }

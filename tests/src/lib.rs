@@ -213,6 +213,7 @@ pub struct TestApp {
     pub db: TestDb,
     pub store: Database,
     pub runtime_projector: projections::Projector,
+    pub settings: Settings,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -226,7 +227,7 @@ impl TestApp {
         let db = TestDb::new(backend).await;
         let mut settings = db.settings();
         tweak(&mut settings);
-        let app = Application::build(settings).await.unwrap();
+        let app = Application::build(settings.clone()).await.unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], app.port()).into();
         let store = app.runtime().state.db.clone();
         let runtime_projector = app.runtime().projector.clone();
@@ -247,6 +248,7 @@ impl TestApp {
             db,
             store,
             runtime_projector,
+            settings,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -364,6 +366,11 @@ pub async fn runtime(db: &TestDb) -> Runtime {
     Runtime::build(db.settings()).await.unwrap()
 }
 
+/// A second `Runtime` configured exactly like a running test app (same stores).
+pub async fn runtime_like(app: &TestApp) -> Runtime {
+    Runtime::build(app.settings.clone()).await.unwrap()
+}
+
 /// Path of the `karmic` entry point built for the failure tests (integration tests only).
 #[macro_export]
 macro_rules! karmic_binary {
@@ -411,4 +418,123 @@ macro_rules! on_both_backends {
             )*
         }
     };
+}
+
+/// A server process of its own for a fault test, which the test stops and starts.
+pub struct PrivateServer {
+    pub port: u16,
+    program: String,
+    args: Vec<String>,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateServer {
+    /// A private SecantusDB (MongoDB wire protocol) with its own storage.
+    pub async fn mongo() -> PrivateServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let args = vec![
+            "--host".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--storage-path".into(),
+            dir.path().join("data").display().to_string(),
+            "--log-level".into(),
+            "WARNING".into(),
+            // Durable on acknowledgement, as DocumentDB is: the test kills it with SIGKILL.
+            "--sync-on-commit".into(),
+        ];
+        let mut s = PrivateServer {
+            port,
+            program: "secantusd-py".into(),
+            args,
+            child: None,
+            _dir: dir,
+        };
+        s.start().await;
+        s
+    }
+
+    /// A private Redis (no persistence: a restart comes back empty, like a failed-over node).
+    pub async fn redis() -> PrivateServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let args = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ];
+        let mut s = PrivateServer {
+            port,
+            program: "redis-server".into(),
+            args,
+            child: None,
+            _dir: dir,
+        };
+        s.start().await;
+        s
+    }
+
+    pub async fn start(&mut self) {
+        let child = std::process::Command::new(&self.program)
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e} (run scripts/services.sh)", self.program));
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not start",
+                self.program
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The port opens a little before the server answers.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    /// SIGKILL and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn mongodb_url(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",
+            self.port
+        )
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

@@ -1,0 +1,300 @@
+//! Operating projections: status, consistency checks, rebuilds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use chrono::{DateTime, Utc};
+use commands::{EventFeed, Position, StoredEvent};
+use cqrs_es::Aggregate;
+use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
+use serde::Serialize;
+
+use crate::engine::{Projection, Projector};
+use crate::read_models::{ProfileStore, ProfileView, ProfilesProjection, ReadModels, UserView};
+
+/// Where one projection stands.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub checkpoint: String,
+    pub head: Option<String>,
+    /// Committed events after the checkpoint.
+    pub lag_events: i64,
+    /// Age of the oldest event not yet applied (0 when caught up).
+    pub lag_seconds: f64,
+}
+
+pub async fn status(projector: &Projector) -> Result<Vec<ProjectionStatus>> {
+    let feed = projector.feed();
+    let head = feed.head().await?;
+    let mut out = Vec::new();
+    for p in projector.projections() {
+        let cp = projector.checkpoints().load(p.name()).await?;
+        let lag_events = feed.count_after(cp).await?;
+        let lag_seconds = if lag_events > 0 {
+            match feed.read_after(cp, 1).await?.first() {
+                Some(e) => (Utc::now() - e.recorded_at).num_milliseconds().max(0) as f64 / 1000.0,
+                // Committed but not yet readable (held back by a running transaction).
+                None => 0.0,
+            }
+        } else {
+            0.0
+        };
+        out.push(ProjectionStatus {
+            name: p.name().to_owned(),
+            checkpoint: cp.to_string(),
+            head: head.map(|(h, _)| h.to_string()),
+            lag_events,
+            lag_seconds,
+        });
+    }
+    Ok(out)
+}
+
+/// Every event in the feed, in order, in batches.
+async fn for_each_batch(
+    feed: &dyn EventFeed,
+    from: Position,
+    mut f: impl FnMut(&[StoredEvent]) -> Result<()>,
+) -> Result<Position> {
+    let mut at = from;
+    loop {
+        let batch = feed.read_after(at, 1000).await?;
+        let Some(last) = batch.last() else {
+            return Ok(at);
+        };
+        at = last.position;
+        f(&batch)?;
+    }
+}
+
+/// One difference between a read model and a fresh fold of the event store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Difference {
+    Missing {
+        id: String,
+    },
+    Unexpected {
+        id: String,
+    },
+    Field {
+        id: String,
+        field: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Difference::Missing { id } => write!(f, "{id}: missing from the read model"),
+            Difference::Unexpected { id } => {
+                write!(f, "{id}: in the read model but not in the events")
+            }
+            Difference::Field {
+                id,
+                field,
+                expected,
+                actual,
+            } => {
+                write!(f, "{id}: {field} is {actual}, the events say {expected}")
+            }
+        }
+    }
+}
+
+fn compare<T: Serialize>(
+    id: &str,
+    expected: &T,
+    actual: &T,
+    out: &mut Vec<Difference>,
+) -> Result<()> {
+    let (e, a) = (
+        serde_json::to_value(expected)?,
+        serde_json::to_value(actual)?,
+    );
+    if let (Some(e), Some(a)) = (e.as_object(), a.as_object()) {
+        for (k, ev) in e {
+            let av = a.get(k).cloned().unwrap_or_default();
+            if *ev != av {
+                out.push(Difference::Field {
+                    id: id.to_owned(),
+                    field: k.clone(),
+                    expected: ev.to_string(),
+                    actual: av.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn diff<T: Serialize>(
+    expected: BTreeMap<String, T>,
+    actual: BTreeMap<String, T>,
+) -> Result<Vec<Difference>> {
+    let mut out = Vec::new();
+    for (id, e) in &expected {
+        match actual.get(id) {
+            None => out.push(Difference::Missing { id: id.clone() }),
+            Some(a) => compare(id, e, a, &mut out)?,
+        }
+    }
+    for id in actual.keys().filter(|id| !expected.contains_key(*id)) {
+        out.push(Difference::Unexpected { id: id.clone() });
+    }
+    Ok(out)
+}
+
+/// The profiles the event store implies, folded afresh.
+pub async fn fold_profiles(feed: &dyn EventFeed) -> Result<BTreeMap<String, ProfileView>> {
+    let mut views: BTreeMap<String, ProfileView> = BTreeMap::new();
+    for_each_batch(feed, Position::START, |batch| {
+        for e in batch.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
+            let event: ProfileEvent = e.decode()?;
+            let id = UserId::parse(&e.aggregate_id)?;
+            views.insert(
+                e.aggregate_id.clone(),
+                ProfileView::from_event(id, event, e.sequence, e.recorded_at),
+            );
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(views)
+}
+
+/// Compare the profile read model with a fresh fold of the event store.
+pub async fn verify_profiles(
+    feed: &dyn EventFeed,
+    store: &dyn ProfileStore,
+) -> Result<Vec<Difference>> {
+    let expected = fold_profiles(feed).await?;
+    let actual = store
+        .all()
+        .await?
+        .into_iter()
+        .map(|v| (v.user_id.to_string(), v))
+        .collect();
+    diff(expected, actual)
+}
+
+/// Compare the users read model with a fresh fold of the event store.
+pub async fn verify_users(
+    feed: &dyn EventFeed,
+    read_models: &ReadModels,
+) -> Result<Vec<Difference>> {
+    let mut expected: BTreeMap<String, UserView> = BTreeMap::new();
+    for_each_batch(feed, Position::START, |batch| {
+        for e in batch.iter().filter(|e| e.aggregate_type == User::TYPE) {
+            let id = UserId::parse(&e.aggregate_id)?;
+            let event: UserEvent = e.decode()?;
+            if let UserEvent::UserRegistered { email, .. } = &event {
+                expected.insert(
+                    e.aggregate_id.clone(),
+                    UserView {
+                        user_id: id,
+                        email: email.clone(),
+                        is_admin: false,
+                        active: true,
+                        registered_at: e.recorded_at,
+                        version: 0,
+                    },
+                );
+            }
+            if let Some(v) = expected.get_mut(&e.aggregate_id) {
+                match event {
+                    UserEvent::AdminRoleGranted => v.is_admin = true,
+                    UserEvent::AdminRoleRevoked => v.is_admin = false,
+                    UserEvent::UserDeactivated => v.active = false,
+                    UserEvent::UserRegistered { .. } | UserEvent::PasswordChanged { .. } => {}
+                }
+                v.version = e.sequence;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let mut actual = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = read_models.users(after, 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.user_id);
+        for u in page {
+            actual.insert(u.user_id.to_string(), u);
+        }
+    }
+    // Timestamps round differently per store; compare them at millisecond precision.
+    let ms = |t: DateTime<Utc>| DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t);
+    for v in expected.values_mut().chain(actual.values_mut()) {
+        v.registered_at = ms(v.registered_at);
+    }
+    diff(expected, actual)
+}
+
+/// Progress of a rebuild: events read so far and the total to read.
+pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
+
+/// Rebuild the profiles read model from position zero into a new store, then switch reads
+/// to it atomically and drop the old one. Reads keep answering from the old store until the
+/// switch. Safe to interrupt at any point and run again.
+pub async fn rebuild_profiles(
+    projector: &Projector,
+    store: Arc<dyn ProfileStore>,
+    progress: Progress<'_>,
+) -> Result<u64> {
+    const NAME: &str = "profiles";
+    let feed = projector.feed().clone();
+    let target = store.begin_rebuild().await?;
+    let projection = ProfilesProjection(target.store.clone());
+    let total = feed.count_after(Position::START).await?.max(0) as u64;
+    let mut done = 0u64;
+    let mut at = Position::START;
+    loop {
+        let batch = feed.read_after(at, 1000).await?;
+        let Some(last) = batch.last() else { break };
+        at = last.position;
+        projection.apply(&batch).await?;
+        done += batch.len() as u64;
+        progress(done, total.max(done));
+    }
+    // The tail, the switch and the checkpoint happen while the live projector is held off.
+    let Some(lock) = projector
+        .checkpoints()
+        .lock(NAME, Duration::from_secs(30))
+        .await?
+    else {
+        bail!("could not take over the {NAME} projection (another driver holds it)");
+    };
+    let result = async {
+        let horizon = feed.horizon().await?;
+        for _ in 0..500 {
+            if feed.is_visible(horizon).await? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        loop {
+            let batch = feed.read_after(at, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.position;
+            projection.apply(&batch).await?;
+            done += batch.len() as u64;
+            progress(done, done);
+        }
+        store.finish_rebuild(target).await?;
+        projector
+            .checkpoints()
+            .save(NAME, at)
+            .await
+            .context("saving the checkpoint")
+    }
+    .await;
+    lock.release().await;
+    result?;
+    Ok(done)
+}

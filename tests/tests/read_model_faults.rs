@@ -1,0 +1,444 @@
+//! Fault tolerance of the read side, against real servers this test starts and stops:
+//! a private SecantusDB (DocumentDB stand-in), a private Redis, Postgres for events.
+//! Final states are compared with a fresh fold of the event store and with a rebuild.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use projections::cache::{CacheSettings, CachedProfiles, LocalCache, RedisCache};
+use projections::ops;
+use projections::read_models::{ProfileStore, ProfilesProjection, RebuildTarget};
+use projections::{ProfileView, Projection};
+use serde_json::{Value, json};
+use tests::{Backend, PrivateServer, TestApp, TestDb};
+
+async fn app_on(mongo: &PrivateServer, redis: &PrivateServer) -> TestApp {
+    let (m, r) = (mongo.mongodb_url(), redis.redis_url());
+    TestApp::spawn_with(Backend::Postgres, move |s| {
+        s.mongodb_url = Some(m.into());
+        s.mongodb_database = format!("karmic_{}", uuid::Uuid::new_v4().simple());
+        s.mongodb_timeout = Duration::from_millis(500);
+        s.redis_url = Some(r.into());
+        s.redis_timeout = Duration::from_millis(100);
+    })
+    .await
+}
+
+async fn no_differences(app: &TestApp) {
+    let rt = tests::runtime_like(app).await;
+    let feed = rt.projector.feed().clone();
+    let diffs = ops::verify_profiles(&*feed, &*rt.state.profile_reader)
+        .await
+        .unwrap();
+    assert!(
+        diffs.is_empty(),
+        "read model differs from the events: {diffs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mongodb_down_commands_succeed_reads_never_lie_and_catch_up_after() {
+    let mut mongo = PrivateServer::mongo().await;
+    let redis = PrivateServer::redis().await;
+    let app = app_on(&mongo, &redis).await;
+    let (a, token) = app.signed_up("a@example.com").await;
+    let (b, _) = app.signed_up("b@example.com").await;
+    // `a` is cached; `b`'s entry is gone (evicted, say) when the outage starts.
+    assert_eq!(
+        app.get(&format!("/profiles/{a}"), &token).await.status(),
+        200
+    );
+    let client = redis::Client::open(redis.redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("karmic:profile:{b}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    mongo.stop();
+    for i in 0..3 {
+        let r = app
+            .put_profile(&a, &token, None, &json!({"display_name": format!("a{i}")}))
+            .await;
+        assert_eq!(
+            r.status(),
+            200,
+            "commands must not depend on the read model"
+        );
+    }
+    // Cached: answered from Redis with the last value the read model had. Uncached: 503.
+    let r = app.get(&format!("/profiles/{a}"), &token).await;
+    assert_eq!(r.status(), 200);
+    let cached: Value = r.json().await.unwrap();
+    assert_eq!(
+        cached["version"], 1,
+        "a value the read model never held was served"
+    );
+    let r = app.get(&format!("/profiles/{b}"), &token).await;
+    tests::assert_problem(r, 503).await;
+
+    mongo.start().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = app.get(&format!("/profiles/{a}"), &token).await;
+        if r.status() == 200 && r.headers()["etag"] == "\"4\"" {
+            assert_eq!(r.json::<Value>().await.unwrap()["display_name"], "a2");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the projection did not catch up after MongoDB returned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    no_differences(&app).await;
+    // And a rebuild from zero gives the very same documents.
+    let rt = tests::runtime_like(&app).await;
+    let before = rt.state.profile_reader.all().await.unwrap();
+    ops::rebuild_profiles(&rt.projector, rt.state.profile_reader.clone(), &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(before, rt.state.profile_reader.all().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_down_reads_come_from_documentdb_within_the_timeout() {
+    let mongo = PrivateServer::mongo().await;
+    let mut redis = PrivateServer::redis().await;
+    let app = app_on(&mongo, &redis).await;
+    let (a, token) = app.signed_up("a@example.com").await;
+    assert_eq!(
+        app.get(&format!("/profiles/{a}"), &token).await.status(),
+        200
+    );
+
+    redis.stop();
+    let r = app
+        .put_profile(
+            &a,
+            &token,
+            None,
+            &json!({"display_name": "while redis is down"}),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    for _ in 0..10 {
+        let t = Instant::now();
+        let r = app.get(&format!("/profiles/{a}"), &token).await;
+        let took = t.elapsed();
+        assert_eq!(r.status(), 200);
+        assert!(
+            took < Duration::from_secs(1),
+            "a read waited {took:?} on a dead Redis"
+        );
+        let p: Value = r.json().await.unwrap();
+        assert_eq!(p["display_name"], "while redis is down");
+    }
+    redis.start().await;
+    // Once Redis is back the cache is refreshed and serves the current value.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rt = tests::runtime_like(&app).await;
+        let status = ops::status(&rt.projector).await.unwrap();
+        if status.iter().all(|s| s.lag_events == 0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the profiles projection stayed behind after Redis returned: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let p: Value = app
+        .get(&format!("/profiles/{a}"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["display_name"], "while redis is down");
+    no_differences(&app).await;
+}
+
+/// A Redis that accepts connections and never answers: requests still finish promptly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = hole.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s); // never read, never write
+        }
+    });
+    let db = TestDb::new(Backend::Sqlite).await;
+    let store = Arc::new(projections::read_models::SqlProfiles::new(
+        projections::ReadModels::new(&db.connect().await),
+    ));
+    let settings = CacheSettings {
+        ttl: Duration::from_secs(300),
+        timeout: Duration::from_millis(100),
+    };
+    // Connecting itself times out against the hole; the app would then run uncached.
+    let connect = RedisCache::connect(&format!("redis://127.0.0.1:{port}/"), settings).await;
+    if let Ok(cache) = connect {
+        let cached = CachedProfiles::new(store.clone(), Arc::new(cache));
+        let t = Instant::now();
+        assert_eq!(cached.get(domain::UserId::new_v7()).await.unwrap(), None);
+        assert!(
+            t.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}
+
+/// Counts reads that reach the store.
+struct CountingStore {
+    inner: Arc<dyn ProfileStore>,
+    gets: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ProfileStore for CountingStore {
+    async fn get(&self, id: domain::UserId) -> anyhow::Result<Option<ProfileView>> {
+        self.gets.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(50)).await; // a slow store widens the race
+        self.inner.get(id).await
+    }
+    async fn upsert(&self, v: &ProfileView) -> anyhow::Result<bool> {
+        self.inner.upsert(v).await
+    }
+    async fn all(&self) -> anyhow::Result<Vec<ProfileView>> {
+        self.inner.all().await
+    }
+    async fn begin_rebuild(&self) -> anyhow::Result<RebuildTarget> {
+        self.inner.begin_rebuild().await
+    }
+    async fn finish_rebuild(&self, t: RebuildTarget) -> anyhow::Result<()> {
+        self.inner.finish_rebuild(t).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_key_is_loaded_once_however_many_readers_miss_it() {
+    let redis = PrivateServer::redis().await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let inner: Arc<dyn ProfileStore> = Arc::new(projections::read_models::SqlProfiles::new(
+        projections::ReadModels::new(&db.connect().await),
+    ));
+    let id = domain::UserId::new_v7();
+    inner
+        .upsert(&ProfileView {
+            user_id: id,
+            display_name: "Hot".into(),
+            bio: None,
+            avatar_url: None,
+            location: None,
+            website: None,
+            version: 1,
+            updated_at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    for cache in [
+        Arc::new(
+            RedisCache::connect(&redis.redis_url(), CacheSettings::default())
+                .await
+                .unwrap(),
+        ) as Arc<dyn projections::cache::ProfileCache>,
+        Arc::new(LocalCache::new(Duration::from_secs(300), 100)),
+    ] {
+        let counting = Arc::new(CountingStore {
+            inner: inner.clone(),
+            gets: AtomicUsize::new(0),
+        });
+        let cached = Arc::new(CachedProfiles::new(counting.clone(), cache));
+        let mut tasks = Vec::new();
+        for _ in 0..50 {
+            let c = cached.clone();
+            tasks.push(tokio::spawn(async move {
+                c.get(id).await.unwrap().unwrap().display_name
+            }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap(), "Hot");
+        }
+        assert_eq!(
+            counting.gets.load(Ordering::SeqCst),
+            1,
+            "the store was hit more than once"
+        );
+    }
+}
+
+/// A store that dies after a number of writes: the projector crashing mid-batch.
+struct CrashingStore {
+    inner: Arc<dyn ProfileStore>,
+    writes_left: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl ProfileStore for CrashingStore {
+    async fn get(&self, id: domain::UserId) -> anyhow::Result<Option<ProfileView>> {
+        self.inner.get(id).await
+    }
+    async fn upsert(&self, v: &ProfileView) -> anyhow::Result<bool> {
+        if self
+            .writes_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            anyhow::bail!("killed mid-batch");
+        }
+        self.inner.upsert(v).await
+    }
+    async fn all(&self) -> anyhow::Result<Vec<ProfileView>> {
+        self.inner.all().await
+    }
+    async fn begin_rebuild(&self) -> anyhow::Result<RebuildTarget> {
+        self.inner.begin_rebuild().await
+    }
+    async fn finish_rebuild(&self, t: RebuildTarget) -> anyhow::Result<()> {
+        self.inner.finish_rebuild(t).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_projector_killed_mid_batch_loses_and_doubles_nothing() {
+    let mongo = PrivateServer::mongo().await;
+    let redis = PrivateServer::redis().await;
+    let app = app_on(&mongo, &redis).await;
+    let mut users = Vec::new();
+    for i in 0..6 {
+        users.push(app.signed_up(&format!("u{i}@example.com")).await);
+    }
+    for round in 0..5 {
+        for (id, token) in &users {
+            let r = app
+                .put_profile(
+                    id,
+                    token,
+                    None,
+                    &json!({"display_name": format!("{id} r{round}")}),
+                )
+                .await;
+            assert_eq!(r.status(), 200);
+        }
+    }
+    let rt = tests::runtime_like(&app).await;
+    let feed = rt.projector.feed().clone();
+    // Replay everything into the live store through a projector that dies after 7 writes,
+    // with the checkpoint at zero, then resume with a healthy one from its checkpoint.
+    rt.projector
+        .checkpoints()
+        .save("profiles", commands::Position::START)
+        .await
+        .unwrap();
+    let crashing = ProfilesProjection(Arc::new(CrashingStore {
+        inner: rt.state.profile_reader.clone(),
+        writes_left: AtomicUsize::new(7),
+    }));
+    let batch = feed
+        .read_after(commands::Position::START, 1000)
+        .await
+        .unwrap();
+    assert!(crashing.apply(&batch).await.is_err());
+    rt.projector.catch_up_one("profiles").await.unwrap();
+    no_differences(&app).await;
+    // Duplicate and out-of-order delivery of the whole feed changes nothing either.
+    let healthy = ProfilesProjection(rt.state.profile_reader.clone());
+    let mut reversed = batch.clone();
+    reversed.reverse();
+    healthy.apply(&reversed).await.unwrap();
+    healthy.apply(&batch).await.unwrap();
+    no_differences(&app).await;
+    for (id, _) in &users {
+        let v = rt
+            .state
+            .profile_reader
+            .get(domain::UserId::parse(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.version, 6, "{id}");
+        assert_eq!(v.display_name, format!("{id} r4"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_keep_answering_during_a_rebuild_and_a_killed_rebuild_can_be_rerun() {
+    let mongo = PrivateServer::mongo().await;
+    let redis = PrivateServer::redis().await;
+    let app = Arc::new(app_on(&mongo, &redis).await);
+    let (a, token) = app.signed_up("a@example.com").await;
+    for i in 0..300 {
+        let r = app
+            .put_profile(
+                &a,
+                &token,
+                None,
+                &json!({"display_name": format!("edit {i}")}),
+            )
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+    // Start a rebuild as a real process and kill -9 it part-way.
+    let mut env = app.db.process_env();
+    env.push(("KARMIC_MONGODB_URL".into(), mongo.mongodb_url()));
+    let db_name = tests::runtime_like(&app)
+        .await
+        .settings
+        .mongodb_database
+        .clone();
+    env.push(("KARMIC_MONGODB_DATABASE".into(), db_name));
+    env.push(("KARMIC_REDIS_URL".into(), redis.redis_url()));
+    let mut child = std::process::Command::new(tests::karmic_binary!())
+        .args(["projections", "rebuild", "profiles"])
+        .envs(env.clone())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Meanwhile and after, reads answer.
+    let reader = {
+        let app = app.clone();
+        let (a, token) = (a.clone(), token.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            let until = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < until {
+                let r = app.get(&format!("/profiles/{a}"), &token).await;
+                assert_eq!(r.status(), 200, "a read failed during the rebuild");
+                n += 1;
+            }
+            n
+        })
+    };
+    let out = std::process::Command::new(tests::karmic_binary!())
+        .args(["projections", "rebuild", "profiles"])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("events/s"));
+    assert!(reader.await.unwrap() > 10);
+    no_differences(&app).await;
+    let p: Value = app
+        .get(&format!("/profiles/{a}"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["display_name"], "edit 299");
+}
