@@ -63,7 +63,12 @@ struct Inner {
     requested: AtomicU64,
     completed: AtomicU64,
     wake: Notify,
+    /// Recent projection lags (commit to applied), per projection, in milliseconds.
+    lags: std::sync::Mutex<std::collections::HashMap<&'static str, std::collections::VecDeque<f64>>>,
 }
+
+/// How many recent lag samples each projection keeps.
+const LAG_SAMPLES: usize = 10_000;
 
 /// What one pass did, per projection.
 #[derive(Debug, Default, Clone)]
@@ -90,6 +95,7 @@ impl Projector {
                 requested: AtomicU64::new(0),
                 completed: AtomicU64::new(0),
                 wake: Notify::new(),
+                lags: std::sync::Mutex::default(),
             }),
         }
     }
@@ -139,6 +145,16 @@ impl Projector {
             pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.catch_up().await
+    }
+
+    /// Recent lags of `name` in milliseconds (time from an event's commit to its
+    /// application), oldest first. Empty if nothing was applied in this process.
+    pub fn recent_lags_ms(&self, name: &str) -> Vec<f64> {
+        self.inner
+            .lags
+            .lock()
+            .map(|m| m.get(name).map(|d| d.iter().copied().collect()).unwrap_or_default())
+            .unwrap_or_default()
     }
 
     /// Ask the background loop for a pass without waiting for it.
@@ -238,6 +254,7 @@ impl Inner {
             let next = last.position;
             p.apply(&batch).await?;
             self.checkpoints.save(name, next).await?;
+            self.record_lags(name, &batch);
             applied += batch.len();
             at = next;
             debug!(projection = name, %at, n = batch.len(), "batch applied");
@@ -246,6 +263,21 @@ impl Inner {
             }
         }
         Ok(applied)
+    }
+}
+
+impl Inner {
+    fn record_lags(&self, name: &'static str, batch: &[StoredEvent]) {
+        let now = chrono::Utc::now();
+        if let Ok(mut m) = self.lags.lock() {
+            let d = m.entry(name).or_default();
+            for e in batch {
+                d.push_back((now - e.recorded_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+                if d.len() > LAG_SAMPLES {
+                    d.pop_front();
+                }
+            }
+        }
     }
 }
 

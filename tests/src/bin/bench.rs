@@ -225,6 +225,8 @@ async fn main() {
         reg_rates.push(reg);
     }
 
+    let read_models = read_model_bench(runs, secs, concurrency, &client, bare_addr).await;
+
     let (put, insert) = (median(put_rates.clone()), median(insert_rates.clone()));
     let (get, bare) = (median(get_rates.clone()), median(bare_rates.clone()));
     let reg = median(reg_rates.clone());
@@ -257,4 +259,193 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!();
+    println!("{read_models}");
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn get_rate(
+    app: Arc<TestApp>,
+    users: Arc<Vec<(String, String)>>,
+    client: reqwest::Client,
+    concurrency: usize,
+    secs: f64,
+) -> f64 {
+    rate(concurrency, secs, move |w, _| {
+        let (c, u, a) = (client.clone(), users.clone(), app.clone());
+        async move {
+            let (id, token) = &u[w];
+            match c.get(a.url(&format!("/profiles/{id}"))).bearer_auth(token).send().await {
+                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
+/// The AWS read side: DocumentDB (SecantusDB) behind Redis. Projection lag under a steady
+/// write load, cached and uncached reads against the bare handler, rebuild speed.
+async fn read_model_bench(
+    runs: usize,
+    secs: f64,
+    concurrency: usize,
+    client: &reqwest::Client,
+    bare_addr: std::net::SocketAddr,
+) -> String {
+    let mongo_url = tests::mongodb_url();
+    let redis_url = tests::redis_url();
+    let with = |redis: bool| {
+        let (m, r) = (mongo_url.clone(), redis_url.clone());
+        move |s: &mut handlers::Settings| {
+            s.mongodb_url = Some(m.into());
+            s.mongodb_database = format!("karmic_bench_{}", uuid::Uuid::new_v4().simple());
+            if redis {
+                s.redis_url = Some(r.into());
+            }
+            s.db_max_connections = 32;
+        }
+    };
+    let cached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(true)).await);
+    let uncached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(false)).await);
+    let mut users = Vec::new();
+    let mut users_uncached = Vec::new();
+    for w in 0..concurrency {
+        users.push(cached_app.signed_up(&format!("rm{w}@example.com")).await);
+        users_uncached.push(uncached_app.signed_up(&format!("rm{w}@example.com")).await);
+    }
+    let users = Arc::new(users);
+    let users_uncached = Arc::new(users_uncached);
+
+    // Projection lag under a steady load: each worker sends one PUT every 50 ms.
+    let steady_rate = concurrency as f64 * 20.0;
+    let (c, u, a) = (client.clone(), users.clone(), cached_app.clone());
+    let done = rate(concurrency, secs * runs as f64, move |w, i| {
+        let (c, u, a) = (c.clone(), u.clone(), a.clone());
+        async move {
+            let t = Instant::now();
+            let (id, token) = &u[w];
+            let ok = c
+                .put(a.url(&format!("/profiles/{id}")))
+                .bearer_auth(token)
+                .json(&json!({"display_name": format!("Steady {i}")}))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false);
+            if let Some(rest) = Duration::from_millis(50).checked_sub(t.elapsed()) {
+                tokio::time::sleep(rest).await;
+            }
+            ok
+        }
+    })
+    .await;
+    let lags = cached_app.runtime_projector.recent_lags_ms("profiles");
+    let (p50, p99) = (percentile(lags.clone(), 0.5), percentile(lags.clone(), 0.99));
+    eprintln!(
+        "steady load {done:.0} PUT/s: lag p50 {p50:.1} ms, p99 {p99:.1} ms over {} events",
+        lags.len()
+    );
+
+    let mut cached_rates = Vec::new();
+    let mut uncached_rates = Vec::new();
+    let mut bare_rates = Vec::new();
+    for run in 0..runs {
+        let cached = get_rate(cached_app.clone(), users.clone(), client.clone(), concurrency, secs).await;
+        let uncached = get_rate(
+            uncached_app.clone(),
+            users_uncached.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+        )
+        .await;
+        let c = client.clone();
+        let bare = rate(concurrency, secs, move |_, _| {
+            let c = c.clone();
+            async move {
+                match c.get(format!("http://{bare_addr}/fixed")).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        eprintln!("run {run}: cached GET {cached:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s");
+        cached_rates.push(cached);
+        uncached_rates.push(uncached);
+        bare_rates.push(bare);
+    }
+
+    // Rebuild speed: 100,000 profile events (1,000 profiles x 100 versions), inserted
+    // directly as stored events, then rebuilt into a new DocumentDB collection.
+    let pool = match &cached_app.store {
+        commands::Database::Postgres(p) => p.clone(),
+        commands::Database::Sqlite(_) => unreachable!(),
+    };
+    let n_profiles: i64 = env_or("KARMIC_BENCH_REBUILD_PROFILES", 1000);
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+         SELECT 'profile', ids.id::text, s,
+                CASE WHEN s = 1 THEN 'ProfileCreated' ELSE 'ProfileUpdated' END, '1.0',
+                CASE WHEN s = 1
+                     THEN json_build_object('ProfileCreated', json_build_object('user_id', ids.id, 'display_name', 'P'))
+                     ELSE json_build_object('ProfileUpdated', json_build_object('display_name', 'P' || s, 'bio', 'bio ' || s,
+                          'avatar_url', null, 'location', 'Lisbon', 'website', null)) END,
+                '{}'::json
+           FROM (SELECT gen_random_uuid() AS id FROM generate_series(1, $1)) ids,
+                generate_series(1, 100) s",
+    )
+    .bind(n_profiles)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let rt = tests::runtime_like(&cached_app).await;
+    let t = Instant::now();
+    let n = projections::ops::rebuild_profiles(&rt.projector, rt.state.profile_reader.clone(), &|_, _| {})
+        .await
+        .unwrap();
+    let rebuild_secs = t.elapsed().as_secs_f64();
+    let diffs = projections::ops::verify_profiles(&**rt.projector.feed(), &*rt.state.profile_reader)
+        .await
+        .unwrap();
+    assert!(diffs.is_empty(), "rebuild produced differences: {}", diffs.len());
+    eprintln!("rebuild: {n} events in {rebuild_secs:.1}s");
+
+    let (cached, uncached, bare) = (
+        median(cached_rates.clone()),
+        median(uncached_rates.clone()),
+        median(bare_rates.clone()),
+    );
+    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    let mut out = String::new();
+    out += "| Read side (DocumentDB = SecantusDB, Redis) | Median | Baseline (same run) | Ratio | Target | Runs |\n";
+    out += "|---|---:|---:|---:|---|---|\n";
+    out += &format!(
+        "| Projection lag (commit → DocumentDB + Redis), {steady_rate:.0} PUT/s offered, {done:.0}/s served | p50 {p50:.1} ms, p99 {p99:.1} ms | – | – | p99 < 100 ms | {} events |\n",
+        lags.len()
+    );
+    out += &format!(
+        "| Cached `GET /profiles/{{id}}` (Redis) vs bare axum handler | {cached:.0}/s | {bare:.0}/s | {:.0}% | ≥ 50% | {} / {} |\n",
+        100.0 * cached / bare,
+        fmt(&cached_rates),
+        fmt(&bare_rates)
+    );
+    out += &format!(
+        "| Uncached `GET /profiles/{{id}}` (DocumentDB, no Redis) vs bare | {uncached:.0}/s | {bare:.0}/s | {:.0}% | – | {} |\n",
+        100.0 * uncached / bare,
+        fmt(&uncached_rates)
+    );
+    out += &format!(
+        "| Rebuild of `profiles` into a new DocumentDB collection | {:.0} events/s | – | – | – | {n} events in {rebuild_secs:.1} s |\n",
+        n as f64 / rebuild_secs
+    );
+    out
 }
