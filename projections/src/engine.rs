@@ -64,7 +64,8 @@ struct Inner {
     completed: AtomicU64,
     wake: Notify,
     /// Recent projection lags (commit to applied), per projection, in milliseconds.
-    lags: std::sync::Mutex<std::collections::HashMap<&'static str, std::collections::VecDeque<f64>>>,
+    lags:
+        std::sync::Mutex<std::collections::HashMap<&'static str, std::collections::VecDeque<f64>>>,
 }
 
 /// How many recent lag samples each projection keeps.
@@ -153,7 +154,11 @@ impl Projector {
         self.inner
             .lags
             .lock()
-            .map(|m| m.get(name).map(|d| d.iter().copied().collect()).unwrap_or_default())
+            .map(|m| {
+                m.get(name)
+                    .map(|d| d.iter().copied().collect())
+                    .unwrap_or_default()
+            })
             .unwrap_or_default()
     }
 

@@ -206,6 +206,17 @@ impl ProfileStore for MongoProfiles {
         }
     }
 
+    /// Distinct profiles are independent documents: write up to 16 at a time.
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
+        use futures::StreamExt;
+        let writes: Vec<_> = views.iter().map(|v| self.upsert(v)).collect();
+        let mut results = futures::stream::iter(writes).buffer_unordered(16);
+        while let Some(r) = results.next().await {
+            r?;
+        }
+        Ok(())
+    }
+
     async fn all(&self) -> Result<Vec<ProfileView>> {
         let docs: Vec<Document> = self
             .collection()

@@ -66,9 +66,11 @@ impl TestDb {
 
     /// A connected, migrated store.
     pub async fn connect(&self) -> Database {
-        let db = Database::connect(&self.url, &PoolSettings::default())
-            .await
-            .unwrap();
+        let settings = PoolSettings {
+            max_connections: 5,
+            ..PoolSettings::default()
+        };
+        let db = Database::connect(&self.url, &settings).await.unwrap();
         db.migrate().await.unwrap();
         db
     }
@@ -87,6 +89,8 @@ impl TestDb {
         env.insert("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned());
         env.insert("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned());
         env.insert("KARMIC_PROJECTION_POLL_MS".to_owned(), "100".to_owned());
+        // Tests run side by side against one Postgres (max_connections = 100).
+        env.insert("KARMIC_DB_MAX_CONNECTIONS".to_owned(), "5".to_owned());
         if self.backend == Backend::Postgres {
             env.insert("KARMIC_DATABASE_URL".to_owned(), self.url.clone());
         }
@@ -103,6 +107,7 @@ impl TestDb {
             ("KARMIC_JWT_SECRET".to_owned(), TEST_JWT_SECRET.to_owned()),
             ("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
             ("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
+            ("KARMIC_DB_MAX_CONNECTIONS".to_owned(), "5".to_owned()),
         ];
         if self.backend == Backend::Postgres {
             v.push(("KARMIC_DATABASE_URL".to_owned(), self.url.clone()));

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use cqrs_es::persist::{PersistedEventStore, SerializedEvent};
+use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateError, EventStore};
 use postgres_es::PostgresEventRepository;
 use serde::de::DeserializeOwned;
@@ -260,19 +260,35 @@ pub enum Reservation {
 }
 
 enum Inner<A: Aggregate> {
-    Postgres(PersistedEventStore<PostgresEventRepository, A>),
-    Sqlite(PersistedEventStore<SqliteEventRepository, A>),
+    Postgres(
+        PersistedEventStore<PostgresEventRepository, A>,
+        PostgresEventRepository,
+    ),
+    Sqlite(
+        PersistedEventStore<SqliteEventRepository, A>,
+        SqliteEventRepository,
+    ),
 }
 
 /// Append and load one aggregate type's events.
+///
+/// Recently used aggregates are kept in memory with their version; a load then reads only
+/// the events recorded after that version (events never change, so the result is exactly
+/// a full fold). This stands in for snapshots, which cqrs-es 0.5 gets wrong (it applies new
+/// events twice in its snapshot modes).
 pub struct AggregateStore<A: Aggregate> {
     inner: Arc<Inner<A>>,
+    cache: Arc<std::sync::Mutex<HashMap<String, (A, u64)>>>,
 }
+
+/// How many aggregates of one type the in-memory cache keeps.
+const AGGREGATE_CACHE_ENTRIES: usize = 10_000;
 
 impl<A: Aggregate> Clone for AggregateStore<A> {
     fn clone(&self) -> Self {
         AggregateStore {
             inner: self.inner.clone(),
+            cache: self.cache.clone(),
         }
     }
 }
@@ -307,27 +323,79 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
             Database::Postgres(pool) => Inner::Postgres(
                 PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters()),
+                PostgresEventRepository::new(pool.clone()),
             ),
             Database::Sqlite(pool) => Inner::Sqlite(
                 PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters()),
+                SqliteEventRepository::new(pool.clone()),
             ),
         };
         AggregateStore {
             inner: Arc::new(inner),
+            cache: Arc::default(),
+        }
+    }
+
+    fn cached(&self, id: &str) -> Option<(A, u64)>
+    where
+        A: Clone,
+    {
+        self.cache.lock().ok()?.get(id).cloned()
+    }
+
+    fn remember(&self, id: &str, state: A, version: u64) {
+        if let Ok(mut c) = self.cache.lock() {
+            if c.len() >= AGGREGATE_CACHE_ENTRIES && !c.contains_key(id) {
+                c.clear();
+            }
+            match c.get(id) {
+                Some((_, v)) if *v >= version => {}
+                _ => {
+                    c.insert(id.to_owned(), (state, version));
+                }
+            }
         }
     }
 
     /// The aggregate's current state, folded from all its events.
-    pub async fn load(&self, id: &str) -> Result<Loaded<A>, StoreError> {
+    pub async fn load(&self, id: &str) -> Result<Loaded<A>, StoreError>
+    where
+        A: Clone,
+    {
+        if let Some((mut state, mut version)) = self.cached(id) {
+            let newer = match &*self.inner {
+                Inner::Postgres(_, r) => r.get_last_events::<A>(id, version as usize).await,
+                Inner::Sqlite(_, r) => r.get_last_events::<A>(id, version as usize).await,
+            }
+            .map_err(|e| StoreError(anyhow::anyhow!("loading events of {id}: {e}")))?;
+            for mut ser in newer {
+                for up in upcasters() {
+                    if up.can_upcast(&ser.event_type, &ser.event_version) {
+                        ser = up.upcast(ser);
+                    }
+                }
+                let event: A::Event = serde_json::from_value(ser.payload).map_err(|e| {
+                    StoreError(anyhow::Error::new(e).context(format!("decoding an event of {id}")))
+                })?;
+                state.apply(event);
+                version = ser.sequence as u64;
+            }
+            self.remember(id, state.clone(), version);
+            return Ok(Loaded { state, version });
+        }
         let ctx = match &*self.inner {
-            Inner::Postgres(s) => s.load_aggregate(id).await,
-            Inner::Sqlite(s) => s.load_aggregate(id).await,
+            Inner::Postgres(s, _) => s.load_aggregate(id).await,
+            Inner::Sqlite(s, _) => s.load_aggregate(id).await,
         }
         .map_err(store_error)?;
+        let version = ctx.current_sequence as u64;
+        if version > 0 {
+            self.remember(id, ctx.aggregate.clone(), version);
+        }
         Ok(Loaded {
             state: ctx.aggregate,
-            version: ctx.current_sequence as u64,
+            version,
         })
     }
 
@@ -341,18 +409,32 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         services: &A::Services,
         expected: Option<u64>,
         meta: &CommandMeta,
-    ) -> Result<Committed, CommandError<A::Error>> {
-        match &*self.inner {
-            Inner::Postgres(s) => execute_on(s, id, command, services, expected, meta).await,
-            Inner::Sqlite(s) => execute_on(s, id, command, services, expected, meta).await,
+    ) -> Result<Committed, CommandError<A::Error>>
+    where
+        A: Clone,
+    {
+        let loaded = self.load(id).await?;
+        let ctx = cqrs_es::persist::EventStoreAggregateContext {
+            aggregate_id: id.to_owned(),
+            aggregate: loaded.state,
+            current_sequence: loaded.version as usize,
+            current_snapshot: None,
+        };
+        let (committed, state) = match &*self.inner {
+            Inner::Postgres(s, _) => execute_on(s, ctx, command, services, expected, meta).await?,
+            Inner::Sqlite(s, _) => execute_on(s, ctx, command, services, expected, meta).await?,
+        };
+        if committed.events > 0 {
+            self.remember(id, state, committed.version);
         }
+        Ok(committed)
     }
 
     /// Every event of one aggregate, in order (audits, tests).
     pub async fn events(&self, id: &str) -> Result<Vec<(u64, A::Event)>, StoreError> {
         let envelopes = match &*self.inner {
-            Inner::Postgres(s) => s.load_events(id).await,
-            Inner::Sqlite(s) => s.load_events(id).await,
+            Inner::Postgres(s, _) => s.load_events(id).await,
+            Inner::Sqlite(s, _) => s.load_events(id).await,
         }
         .map_err(store_error)?;
         Ok(envelopes
@@ -362,19 +444,19 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     }
 }
 
+/// Decide and append on a loaded aggregate. Returns the outcome and the state after it.
 async fn execute_on<S, A>(
     store: &S,
-    id: &str,
+    mut ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
     command: A::Command,
     services: &A::Services,
     expected: Option<u64>,
     meta: &CommandMeta,
-) -> Result<Committed, CommandError<A::Error>>
+) -> Result<(Committed, A), CommandError<A::Error>>
 where
-    A: Aggregate,
+    A: Aggregate + Clone,
     S: EventStore<A, AC = cqrs_es::persist::EventStoreAggregateContext<A>>,
 {
-    let mut ctx = store.load_aggregate(id).await.map_err(store_error)?;
     let before = ctx.current_sequence as u64;
     if let Some(expected) = expected
         && expected != before
@@ -391,18 +473,25 @@ where
         .map_err(CommandError::Rejected)?;
     let events = sink.collect().await;
     let n = events.len();
+    let after = ctx.aggregate.clone();
     if n == 0 {
-        return Ok(Committed {
-            version: before,
-            events: 0,
-        });
+        return Ok((
+            Committed {
+                version: before,
+                events: 0,
+            },
+            after,
+        ));
     }
     let metadata: HashMap<String, String> = meta.to_map();
     match store.commit(events, ctx, metadata).await {
-        Ok(_) => Ok(Committed {
-            version: before + n as u64,
-            events: n,
-        }),
+        Ok(_) => Ok((
+            Committed {
+                version: before + n as u64,
+                events: n,
+            },
+            after,
+        )),
         Err(AggregateError::AggregateConflict) => Err(CommandError::Conflict),
         Err(e) => Err(CommandError::Store(store_error(e))),
     }

@@ -91,12 +91,10 @@ async fn main() {
         commands::Database::Postgres(p) => p.clone(),
         commands::Database::Sqlite(_) => unreachable!(),
     };
-    sqlx::query(
-        "CREATE TABLE bench_rows (LIKE events INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING INDEXES)",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    sqlx::query("CREATE TABLE bench_rows (LIKE events INCLUDING ALL)")
+        .execute(&pool)
+        .await
+        .unwrap();
     let payload = json!({"ProfileUpdated": {"display_name": "Bench", "bio": "x", "avatar_url": null, "location": null, "website": null}});
     let mut put_rates = Vec::new();
     let mut insert_rates = Vec::new();
@@ -131,6 +129,7 @@ async fn main() {
                 .bind(&pl)
                 .execute(&p)
                 .await
+                .map_err(|e| eprintln!("baseline insert failed: {e}"))
                 .is_ok()
             }
         })
@@ -282,7 +281,12 @@ async fn get_rate(
         let (c, u, a) = (client.clone(), users.clone(), app.clone());
         async move {
             let (id, token) = &u[w];
-            match c.get(a.url(&format!("/profiles/{id}"))).bearer_auth(token).send().await {
+            match c
+                .get(a.url(&format!("/profiles/{id}")))
+                .bearer_auth(token)
+                .send()
+                .await
+            {
                 Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                 Err(_) => false,
             }
@@ -348,7 +352,10 @@ async fn read_model_bench(
     })
     .await;
     let lags = cached_app.runtime_projector.recent_lags_ms("profiles");
-    let (p50, p99) = (percentile(lags.clone(), 0.5), percentile(lags.clone(), 0.99));
+    let (p50, p99) = (
+        percentile(lags.clone(), 0.5),
+        percentile(lags.clone(), 0.99),
+    );
     eprintln!(
         "steady load {done:.0} PUT/s: lag p50 {p50:.1} ms, p99 {p99:.1} ms over {} events",
         lags.len()
@@ -358,7 +365,14 @@ async fn read_model_bench(
     let mut uncached_rates = Vec::new();
     let mut bare_rates = Vec::new();
     for run in 0..runs {
-        let cached = get_rate(cached_app.clone(), users.clone(), client.clone(), concurrency, secs).await;
+        let cached = get_rate(
+            cached_app.clone(),
+            users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+        )
+        .await;
         let uncached = get_rate(
             uncached_app.clone(),
             users_uncached.clone(),
@@ -378,7 +392,9 @@ async fn read_model_bench(
             }
         })
         .await;
-        eprintln!("run {run}: cached GET {cached:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s");
+        eprintln!(
+            "run {run}: cached GET {cached:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s"
+        );
         cached_rates.push(cached);
         uncached_rates.push(uncached);
         bare_rates.push(bare);
@@ -409,14 +425,23 @@ async fn read_model_bench(
     .unwrap();
     let rt = tests::runtime_like(&cached_app).await;
     let t = Instant::now();
-    let n = projections::ops::rebuild_profiles(&rt.projector, rt.state.profile_reader.clone(), &|_, _| {})
-        .await
-        .unwrap();
+    let n = projections::ops::rebuild_profiles(
+        &rt.projector,
+        rt.state.profile_reader.clone(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
     let rebuild_secs = t.elapsed().as_secs_f64();
-    let diffs = projections::ops::verify_profiles(&**rt.projector.feed(), &*rt.state.profile_reader)
-        .await
-        .unwrap();
-    assert!(diffs.is_empty(), "rebuild produced differences: {}", diffs.len());
+    let diffs =
+        projections::ops::verify_profiles(&**rt.projector.feed(), &*rt.state.profile_reader)
+            .await
+            .unwrap();
+    assert!(
+        diffs.is_empty(),
+        "rebuild produced differences: {}",
+        diffs.len()
+    );
     eprintln!("rebuild: {n} events in {rebuild_secs:.1}s");
 
     let (cached, uncached, bare) = (
@@ -424,7 +449,12 @@ async fn read_model_bench(
         median(uncached_rates.clone()),
         median(bare_rates.clone()),
     );
-    let fmt = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut out = String::new();
     out += "| Read side (DocumentDB = SecantusDB, Redis) | Median | Baseline (same run) | Ratio | Target | Runs |\n";
     out += "|---|---:|---:|---:|---|---|\n";
