@@ -15,7 +15,7 @@ fi
 pg_up || { log "PostgreSQL is not reachable on 127.0.0.1:5432"; exit 1; }
 psql -h 127.0.0.1 -U postgres -d test -Atqc 'select 1' >/dev/null
 
-redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null | grep -q PONG; }
+redis_up() { [ "$(redis-cli -h 127.0.0.1 -p 6379 ping 2>/dev/null)" = "PONG" ]; }
 if command -v redis-server >/dev/null && ! redis_up; then
   log "starting Redis"
   mkdir -p /var/lib/redis /var/log/redis
@@ -40,7 +40,8 @@ sys.exit(0 if len(s.recv(16)) == 16 else 1)
 PY
 }
 if ! mongo_up; then
-  if ! command -v secantusd-py >/dev/null || ! pip show SecantusDB 2>/dev/null | grep -q "^Version: ${SECANTUS_VERSION}$"; then
+  installed=$(pip show SecantusDB 2>/dev/null | sed -n 's/^Version: //p' || true)
+  if ! command -v secantusd-py >/dev/null || [ "$installed" != "$SECANTUS_VERSION" ]; then
     log "installing SecantusDB ${SECANTUS_VERSION}"
     pip install --quiet --disable-pip-version-check "SecantusDB==${SECANTUS_VERSION}"
   fi

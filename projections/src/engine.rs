@@ -135,15 +135,16 @@ impl Projector {
     /// `wait`) until the feed can show all of it, then run a pass.
     pub async fn catch_up_through_now(&self, wait: Duration) -> Result<PassReport> {
         let feed = &self.inner.feed;
-        let horizon = feed.horizon().await?;
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut pause = Duration::from_millis(1);
-        while !feed.is_visible(horizon).await? {
-            if tokio::time::Instant::now() >= deadline {
-                break;
+        if let Some(horizon) = feed.horizon().await? {
+            let deadline = tokio::time::Instant::now() + wait;
+            let mut pause = Duration::from_millis(1);
+            while !feed.is_visible(horizon).await? {
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.catch_up().await
     }
@@ -218,15 +219,22 @@ impl Projector {
 }
 
 impl Inner {
+    /// Every projection at once: they are independent (own checkpoints, own locks), so a
+    /// pass takes as long as the slowest rather than the sum.
     async fn run_pass(&self) -> PassReport {
         let mut report = PassReport::default();
-        for p in &self.projections {
+        let runs = self.projections.iter().map(|p| {
             let name = p.name();
-            match self
-                .drive(p.clone())
-                .instrument(info_span!("projection", name))
-                .await
-            {
+            async move {
+                let r = self
+                    .drive(p.clone())
+                    .instrument(info_span!("projection", name))
+                    .await;
+                (name, r)
+            }
+        });
+        for (name, result) in futures::future::join_all(runs).await {
+            match result {
                 Ok(Some(n)) => report.applied.push((name, n)),
                 Ok(None) => report.busy.push(name),
                 Err(e) => {

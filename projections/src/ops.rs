@@ -271,12 +271,13 @@ pub async fn rebuild_profiles(
         bail!("could not take over the {NAME} projection (another driver holds it)");
     };
     let result = async {
-        let horizon = feed.horizon().await?;
-        for _ in 0..500 {
-            if feed.is_visible(horizon).await? {
-                break;
+        if let Some(horizon) = feed.horizon().await? {
+            for _ in 0..500 {
+                if feed.is_visible(horizon).await? {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         loop {
             let batch = feed.read_after(at, 1000).await?;

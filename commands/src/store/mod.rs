@@ -102,9 +102,10 @@ pub trait EventFeed: Send + Sync {
     /// How many committed events lie after `after`.
     async fn count_after(&self, after: Position) -> Result<i64, StoreError>;
     /// A mark in commit time: every event committed before this call is readable from the
-    /// feed once [`EventFeed::is_visible`] says so for the mark. (On Postgres the feed holds
-    /// back events behind transactions still running anywhere in the cluster.)
-    async fn horizon(&self) -> Result<i64, StoreError>;
+    /// feed once [`EventFeed::is_visible`] says so for the mark; `None` when it already is.
+    /// (On Postgres the feed holds back events behind transactions still running anywhere
+    /// in the cluster.)
+    async fn horizon(&self) -> Result<Option<i64>, StoreError>;
     async fn is_visible(&self, horizon: i64) -> Result<bool, StoreError>;
 }
 
@@ -413,21 +414,42 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     where
         A: Clone,
     {
-        let loaded = self.load(id).await?;
-        let ctx = cqrs_es::persist::EventStoreAggregateContext {
-            aggregate_id: id.to_owned(),
-            aggregate: loaded.state,
-            current_sequence: loaded.version as usize,
-            current_snapshot: None,
-        };
-        let (committed, state) = match &*self.inner {
-            Inner::Postgres(s, _) => execute_on(s, ctx, command, services, expected, meta).await?,
-            Inner::Sqlite(s, _) => execute_on(s, ctx, command, services, expected, meta).await?,
-        };
+        // Always read what was appended since the cached state (one small query): using a
+        // possibly stale state would turn other processes' earlier writes into conflicts.
+        let l = self.load(id).await?;
+        let (committed, state) = self
+            .execute_with(id, l.state, l.version, command, services, expected, meta)
+            .await?;
         if committed.events > 0 {
             self.remember(id, state, committed.version);
         }
         Ok(committed)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn execute_with(
+        &self,
+        id: &str,
+        state: A,
+        version: u64,
+        command: A::Command,
+        services: &A::Services,
+        expected: Option<u64>,
+        meta: &CommandMeta,
+    ) -> Result<(Committed, A), CommandError<A::Error>>
+    where
+        A: Clone,
+    {
+        let ctx = cqrs_es::persist::EventStoreAggregateContext {
+            aggregate_id: id.to_owned(),
+            aggregate: state,
+            current_sequence: version as usize,
+            current_snapshot: None,
+        };
+        match &*self.inner {
+            Inner::Postgres(s, _) => execute_on(s, ctx, command, services, expected, meta).await,
+            Inner::Sqlite(s, _) => execute_on(s, ctx, command, services, expected, meta).await,
+        }
     }
 
     /// Every event of one aggregate, in order (audits, tests).

@@ -118,14 +118,17 @@ impl EventFeed for PostgresFeed {
         Ok(n)
     }
 
-    async fn horizon(&self) -> Result<i64, StoreError> {
-        // Every transaction that has committed has an id below the snapshot's xmax.
-        let x: i64 =
-            sqlx::query_scalar("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint")
-                .fetch_one(&self.pool)
-                .await
-                .context("reading the commit horizon")?;
-        Ok(x)
+    async fn horizon(&self) -> Result<Option<i64>, StoreError> {
+        // Every transaction that has committed has an id below the snapshot's xmax; when
+        // nothing is running (xmin = xmax) all of them are already readable.
+        let (xmin, xmax): (i64, i64) = sqlx::query_as(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
+               FROM pg_current_snapshot() AS s",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .context("reading the commit horizon")?;
+        Ok((xmin < xmax).then_some(xmax))
     }
 
     async fn is_visible(&self, horizon: i64) -> Result<bool, StoreError> {

@@ -119,8 +119,8 @@ impl EventFeed for SqliteFeed {
     }
 
     /// One writer at a time: whatever has committed is already readable.
-    async fn horizon(&self) -> Result<i64, StoreError> {
-        Ok(0)
+    async fn horizon(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
     }
 
     async fn is_visible(&self, _horizon: i64) -> Result<bool, StoreError> {

@@ -166,9 +166,27 @@ async fn main() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let bare_addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, bare).await.unwrap() });
+    // The embedded configuration (SQLite, in-process profile cache), same load.
+    let embedded = Arc::new(TestApp::spawn(Backend::Sqlite).await);
+    let mut embedded_users = Vec::new();
+    for w in 0..concurrency {
+        embedded_users.push(embedded.signed_up(&format!("e{w}@example.com")).await);
+    }
+    let embedded_users = Arc::new(embedded_users);
+    let mut embedded_rates = Vec::new();
     let mut get_rates = Vec::new();
     let mut bare_rates = Vec::new();
     for run in 0..runs {
+        let emb = get_rate(
+            embedded.clone(),
+            embedded_users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+        )
+        .await;
+        eprintln!("run {run}: embedded GET {emb:.0}/s");
+        embedded_rates.push(emb);
         let (c, u, a) = (client.clone(), users.clone(), app.clone());
         let get = rate(concurrency, secs, move |w, _| {
             let (c, u, a) = (c.clone(), u.clone(), a.clone());
@@ -229,6 +247,7 @@ async fn main() {
     let (put, insert) = (median(put_rates.clone()), median(insert_rates.clone()));
     let (get, bare) = (median(get_rates.clone()), median(bare_rates.clone()));
     let reg = median(reg_rates.clone());
+    let emb = median(embedded_rates.clone());
     let fmt = |v: &[f64]| {
         v.iter()
             .map(|x| format!("{x:.0}"))
@@ -248,6 +267,12 @@ async fn main() {
         sample.len(),
         100.0 * get / bare,
         fmt(&get_rates),
+        fmt(&bare_rates)
+    );
+    println!(
+        "| `GET /profiles/{{id}}` embedded (SQLite + in-process cache) vs bare axum handler | {emb:.0} | {bare:.0} | {:.0}% | ≥ 50% | {} / {} |",
+        100.0 * emb / bare,
+        fmt(&embedded_rates),
         fmt(&bare_rates)
     );
     println!(
