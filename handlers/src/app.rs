@@ -203,6 +203,7 @@ impl Runtime {
             projections,
             ProjectorSettings {
                 poll_interval: settings.projection_poll,
+                read_your_writes_timeout: settings.read_your_writes,
                 ..ProjectorSettings::default()
             },
         );

@@ -42,6 +42,10 @@ pub struct Settings {
     pub projection_poll: Duration,
     /// Apply migrations when the server starts (`KARMIC_AUTO_MIGRATE`, default true).
     pub auto_migrate: bool,
+    /// How long a command waits for the read models before answering
+    /// (`KARMIC_READ_YOUR_WRITES_MS`, default 2000; 0: never wait, project in the
+    /// background only).
+    pub read_your_writes: Duration,
     /// DocumentDB/MongoDB for the profile read model (`KARMIC_MONGODB_URL`); unset keeps
     /// profiles in SQL. May hold credentials, hence secret.
     pub mongodb_url: Option<SecretString>,
@@ -86,6 +90,7 @@ struct FileSettings {
     argon2_parallelism: Option<u32>,
     projection_poll_ms: Option<u64>,
     auto_migrate: Option<bool>,
+    read_your_writes_ms: Option<u64>,
     mongodb_url: Option<String>,
     mongodb_database: Option<String>,
     mongodb_tls_ca_file: Option<PathBuf>,
@@ -115,6 +120,7 @@ impl Default for Settings {
             argon2_parallelism: 1,
             projection_poll: Duration::from_millis(500),
             auto_migrate: true,
+            read_your_writes: Duration::from_secs(2),
             mongodb_url: None,
             mongodb_database: "karmic".to_owned(),
             mongodb_tls_ca_file: None,
@@ -211,6 +217,9 @@ impl Settings {
         if let Some(v) = f.auto_migrate {
             self.auto_migrate = v;
         }
+        if let Some(v) = f.read_your_writes_ms {
+            self.read_your_writes = Duration::from_millis(v);
+        }
         if let Some(v) = f.mongodb_url {
             self.mongodb_url = Some(v.into());
         }
@@ -296,6 +305,9 @@ impl Settings {
         }
         if let Some(v) = get("KARMIC_AUTO_MIGRATE") {
             self.auto_migrate = parse("KARMIC_AUTO_MIGRATE", v)?;
+        }
+        if let Some(v) = get("KARMIC_READ_YOUR_WRITES_MS") {
+            self.read_your_writes = Duration::from_millis(parse("KARMIC_READ_YOUR_WRITES_MS", v)?);
         }
         if let Some(v) = get("KARMIC_MONGODB_URL") {
             self.mongodb_url = Some(v.to_owned().into());

@@ -247,35 +247,42 @@ impl Inner {
     }
 
     /// Returns how many events were applied, or `None` if another driver holds the lock.
+    ///
+    /// The lock is taken per batch, not for the whole catch-up, so that a long catch-up
+    /// never keeps another driver (a rebuild's switch-over, say) waiting for more than one
+    /// batch; the checkpoint is re-read under each lock for the same reason.
     async fn drive(&self, p: Arc<dyn Projection>) -> Result<Option<usize>> {
         let name = p.name();
-        let Some(lock) = self.checkpoints.lock(name, self.settings.lock_wait).await? else {
-            return Ok(None);
-        };
-        let result = self.drive_locked(&*p).await;
-        lock.release().await;
-        result.map(Some)
-    }
-
-    async fn drive_locked(&self, p: &dyn Projection) -> Result<usize> {
-        let name = p.name();
-        let mut at: Position = self.checkpoints.load(name).await?;
         let mut applied = 0;
         loop {
-            let batch = self.feed.read_after(at, self.settings.batch_size).await?;
-            let Some(last) = batch.last() else { break };
-            let next = last.position;
-            p.apply(&batch).await?;
-            self.checkpoints.save(name, next).await?;
-            self.record_lags(name, &batch);
-            applied += batch.len();
-            at = next;
-            debug!(projection = name, %at, n = batch.len(), "batch applied");
-            if (batch.len() as i64) < self.settings.batch_size {
-                break;
+            let Some(lock) = self.checkpoints.lock(name, self.settings.lock_wait).await? else {
+                return Ok(if applied > 0 { Some(applied) } else { None });
+            };
+            let result = self.drive_one_batch(&*p).await;
+            lock.release().await;
+            let (n, more) = result?;
+            applied += n;
+            if !more {
+                return Ok(Some(applied));
             }
         }
-        Ok(applied)
+    }
+
+    /// Apply the next batch after the checkpoint. Returns its size and whether a full
+    /// batch was read (there may be more).
+    async fn drive_one_batch(&self, p: &dyn Projection) -> Result<(usize, bool)> {
+        let name = p.name();
+        let at: Position = self.checkpoints.load(name).await?;
+        let batch = self.feed.read_after(at, self.settings.batch_size).await?;
+        let Some(last) = batch.last() else {
+            return Ok((0, false));
+        };
+        let next = last.position;
+        p.apply(&batch).await?;
+        self.checkpoints.save(name, next).await?;
+        self.record_lags(name, &batch);
+        debug!(projection = name, at = %next, n = batch.len(), "batch applied");
+        Ok((batch.len(), batch.len() as i64 >= self.settings.batch_size))
     }
 }
 
@@ -300,6 +307,10 @@ impl AfterCommit for Projector {
     /// the command is committed either way and the background loop finishes the job.
     async fn committed(&self) {
         let timeout = self.inner.settings.read_your_writes_timeout;
+        if timeout.is_zero() {
+            self.nudge();
+            return;
+        }
         match tokio::time::timeout(timeout, self.catch_up_through_now(timeout)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "read models did not catch up after a commit"),

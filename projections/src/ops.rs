@@ -236,6 +236,9 @@ pub async fn verify_users(
     diff(expected, actual)
 }
 
+/// How many distinct profiles a rebuild folds in memory before writing them.
+const REBUILD_FLUSH: usize = 5_000;
+
 /// Progress of a rebuild: events read so far and the total to read.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Send + Sync);
 
@@ -254,14 +257,30 @@ pub async fn rebuild_profiles(
     let total = feed.count_after(Position::START).await?.max(0) as u64;
     let mut done = 0u64;
     let mut at = Position::START;
+    // Profile events carry the whole state: fold many batches in memory and write each
+    // profile once per flush instead of once per event.
+    let mut pending: BTreeMap<UserId, ProfileView> = BTreeMap::new();
     loop {
         let batch = feed.read_after(at, 1000).await?;
         let Some(last) = batch.last() else { break };
         at = last.position;
-        projection.apply(&batch).await?;
+        for e in batch.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
+            let event: ProfileEvent = e.decode()?;
+            let id = UserId::parse(&e.aggregate_id)?;
+            let view = ProfileView::from_event(id, event, e.sequence, e.recorded_at);
+            if pending.get(&id).is_none_or(|v| v.version < view.version) {
+                pending.insert(id, view);
+            }
+        }
+        if pending.len() >= REBUILD_FLUSH {
+            let views: Vec<ProfileView> = std::mem::take(&mut pending).into_values().collect();
+            target.store.upsert_many(&views).await?;
+        }
         done += batch.len() as u64;
         progress(done, total.max(done));
     }
+    let views: Vec<ProfileView> = std::mem::take(&mut pending).into_values().collect();
+    target.store.upsert_many(&views).await?;
     // The tail, the switch and the checkpoint happen while the live projector is held off.
     let Some(lock) = projector
         .checkpoints()
