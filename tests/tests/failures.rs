@@ -16,13 +16,7 @@ struct Server {
     client: reqwest::Client,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use tests::free_port;
 
 impl Server {
     async fn start(db: &TestDb) -> Server {
@@ -243,14 +237,13 @@ async fn replaying_the_feed_from_zero_changes_nothing(backend: Backend) {
         assert_eq!(r.status(), 200);
         ids.push(UserId::parse(&id).unwrap());
     }
-    let rt = tests::runtime(&app.db).await;
-    let reader = rt.state.profile_reader.clone();
-    let before_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id)))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    // Stop the app (and its projector) so this replay is the only driver, deterministically.
+    let db = app.stop().await;
+    let rt = tests::runtime(&db).await;
+    // `all()` reads the store itself, never a cache.
+    let before_profiles = rt.state.profile_reader.all().await.unwrap();
     let before_users = rt.state.read_models.users(None, 100).await.unwrap();
+    assert_eq!(before_profiles.len(), 5);
     for name in ["users", "profiles", "profile_provisioner"] {
         rt.projector
             .checkpoints()
@@ -265,17 +258,18 @@ async fn replaying_the_feed_from_zero_changes_nothing(backend: Backend) {
         .unwrap();
     assert!(report.failed.is_empty(), "{report:?}");
     assert!(report.applied.iter().all(|(_, n)| *n > 0), "{report:?}");
-    let after_profiles: Vec<_> = futures::future::join_all(ids.iter().map(|id| reader.get(*id)))
-        .await
-        .into_iter()
-        .map(|r| r.unwrap())
-        .collect();
+    let after_profiles = rt.state.profile_reader.all().await.unwrap();
     let after_users = rt.state.read_models.users(None, 100).await.unwrap();
     assert_eq!(before_profiles, after_profiles);
     assert_eq!(before_users, after_users);
+    assert!(
+        ids.iter()
+            .all(|id| after_profiles.iter().any(|p| p.user_id == *id))
+    );
     // And no profile was opened twice by the provisioner's replay.
-    let events = app
-        .store
+    let events = rt
+        .state
+        .db
         .feed()
         .read_after(Position::START, 10_000)
         .await

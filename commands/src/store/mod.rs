@@ -66,7 +66,7 @@ pub struct StoredEvent {
 impl StoredEvent {
     /// The payload as the current event type, after the registered upcasters have run.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, StoreError> {
-        let mut ser = SerializedEvent::new(
+        let ser = SerializedEvent::new(
             self.aggregate_id.clone(),
             usize::try_from(self.sequence).unwrap_or_default(),
             self.aggregate_type.clone(),
@@ -75,11 +75,7 @@ impl StoredEvent {
             self.payload.clone(),
             self.metadata.clone(),
         );
-        for up in upcasters() {
-            if up.can_upcast(&ser.event_type, &ser.event_version) {
-                ser = up.upcast(ser);
-            }
-        }
+        let ser = crate::upcast::upcast(ser);
         serde_json::from_value(ser.payload).map_err(|e| {
             StoreError(anyhow::Error::new(e).context(format!(
                 "decoding {} v{} at {}",
@@ -370,12 +366,8 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                 Inner::Sqlite(_, r) => r.get_last_events::<A>(id, version as usize).await,
             }
             .map_err(|e| StoreError(anyhow::anyhow!("loading events of {id}: {e}")))?;
-            for mut ser in newer {
-                for up in upcasters() {
-                    if up.can_upcast(&ser.event_type, &ser.event_version) {
-                        ser = up.upcast(ser);
-                    }
-                }
+            for ser in newer {
+                let ser = crate::upcast::upcast(ser);
                 let event: A::Event = serde_json::from_value(ser.payload).map_err(|e| {
                     StoreError(anyhow::Error::new(e).context(format!("decoding an event of {id}")))
                 })?;
