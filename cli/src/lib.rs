@@ -68,7 +68,7 @@ enum ProjectionsCommand {
     /// Rebuild a read model from position zero into a new collection/table, then switch
     /// reads to it atomically. Safe to interrupt and run again.
     Rebuild {
-        /// `profiles`.
+        /// `profiles` or `users`.
         name: String,
     },
 }
@@ -135,9 +135,6 @@ async fn projections(settings: Settings, command: ProjectionsCommand) -> Result<
             }
         }
         ProjectionsCommand::Rebuild { name } => {
-            if name != "profiles" {
-                anyhow::bail!("only `profiles` can be rebuilt so far");
-            }
             let bar = indicatif::ProgressBar::new(0);
             bar.set_style(
                 indicatif::ProgressStyle::with_template(
@@ -148,15 +145,22 @@ async fn projections(settings: Settings, command: ProjectionsCommand) -> Result<
             bar.set_message(format!("rebuilding {name}"));
             let b = bar.clone();
             let started = std::time::Instant::now();
-            let n = projections::ops::rebuild_profiles(
-                &rt.projector,
-                rt.state.profile_reader.clone(),
-                &move |done, total| {
-                    b.set_length(total);
-                    b.set_position(done);
-                },
-            )
-            .await?;
+            let progress = move |done, total| {
+                b.set_length(total);
+                b.set_position(done);
+            };
+            let n = match name.as_str() {
+                "profiles" => {
+                    ops::rebuild_profiles(&rt.projector, rt.state.profile_reader.clone(), &progress)
+                        .await?
+                }
+                "users" => {
+                    ops::rebuild_users(&rt.projector, &rt.state.read_models, &progress).await?
+                }
+                other => {
+                    anyhow::bail!("no projection named {other:?} can be rebuilt (profiles, users)")
+                }
+            };
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             writeln!(

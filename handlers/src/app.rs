@@ -262,6 +262,7 @@ async fn profile_store(
     let cache_settings = CacheSettings {
         ttl: settings.profile_cache_ttl,
         timeout: settings.redis_timeout,
+        near_entries: settings.redis_near_cache_entries,
     };
     let cache: Option<Arc<dyn ProfileCache>> = match &settings.redis_url {
         Some(url) => Some(Arc::new(

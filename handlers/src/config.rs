@@ -59,6 +59,9 @@ pub struct Settings {
     pub profile_cache_ttl: Duration,
     /// The longest a request waits on Redis (`KARMIC_REDIS_TIMEOUT_MS`).
     pub redis_timeout: Duration,
+    /// Entries of the Redis-invalidated in-process copy of cached profiles, 0 = off
+    /// (`KARMIC_REDIS_NEAR_CACHE_ENTRIES`).
+    pub redis_near_cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -98,6 +101,7 @@ struct FileSettings {
     redis_url: Option<String>,
     profile_cache_ttl_secs: Option<u64>,
     redis_timeout_ms: Option<u64>,
+    redis_near_cache_entries: Option<usize>,
 }
 
 impl Default for Settings {
@@ -128,6 +132,7 @@ impl Default for Settings {
             redis_url: None,
             profile_cache_ttl: Duration::from_secs(300),
             redis_timeout: Duration::from_millis(50),
+            redis_near_cache_entries: 10_000,
         }
     }
 }
@@ -241,6 +246,9 @@ impl Settings {
         if let Some(v) = f.redis_timeout_ms {
             self.redis_timeout = Duration::from_millis(v);
         }
+        if let Some(v) = f.redis_near_cache_entries {
+            self.redis_near_cache_entries = v;
+        }
         Ok(())
     }
 
@@ -330,6 +338,9 @@ impl Settings {
         }
         if let Some(v) = get("KARMIC_REDIS_TIMEOUT_MS") {
             self.redis_timeout = Duration::from_millis(parse("KARMIC_REDIS_TIMEOUT_MS", v)?);
+        }
+        if let Some(v) = get("KARMIC_REDIS_NEAR_CACHE_ENTRIES") {
+            self.redis_near_cache_entries = parse("KARMIC_REDIS_NEAR_CACHE_ENTRIES", v)?;
         }
         Ok(())
     }

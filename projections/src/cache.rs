@@ -10,6 +10,7 @@
 //! * Redis calls time out quickly; a slow or dead Redis turns into cache misses.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,14 @@ pub trait ProfileCache: Send + Sync {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>>;
     /// Store `view` for the TTL unless a newer version is cached.
     async fn put_if_newer(&self, view: &ProfileView) -> Result<()>;
+    /// [`ProfileCache::put_if_newer`] for each view; a remote cache does it in one round
+    /// trip.
+    async fn put_many_if_newer(&self, views: &[ProfileView]) -> Result<()> {
+        for v in views {
+            self.put_if_newer(v).await?;
+        }
+        Ok(())
+    }
     /// Forget every cached profile (after a rebuild).
     async fn clear(&self) -> Result<()>;
 }
@@ -35,6 +44,10 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// The longest any request waits on Redis.
     pub timeout: Duration,
+    /// Entries of the in-process copy of Redis entries, kept coherent by Redis itself
+    /// (server-assisted client-side caching: Redis tells the process when a key it holds
+    /// changes or expires). 0 turns it off.
+    pub near_entries: usize,
 }
 
 impl Default for CacheSettings {
@@ -42,6 +55,7 @@ impl Default for CacheSettings {
         CacheSettings {
             ttl: Duration::from_secs(300),
             timeout: Duration::from_millis(50),
+            near_entries: 10_000,
         }
     }
 }
@@ -62,20 +76,222 @@ return 1
 "#;
 
 /// Profiles cached in Redis (ElastiCache).
+///
+/// With `near_entries > 0` a hit is usually answered from memory (see [`Near`]): the
+/// connection speaks RESP3 with broadcast client tracking on the profile keys, so Redis
+/// pushes an invalidation to every process as soon as a profile key is written, deleted or
+/// expires. A process's own writes invalidate its copy before they return, so a read that
+/// starts after the projection's write has returned never sees the older value; another
+/// process sees the new value once Redis's push reaches it (a loopback or LAN hop), the
+/// same kind of window as between the DocumentDB write and the Redis write.
+///
+/// The copy only answers while Redis is known to be tracking for this connection and to
+/// be answering: a dropped connection (the driver's disconnect notice) empties it at once
+/// and it stays off until tracking is on again on the new connection; a probe turns it
+/// off within [`NEAR_PROBE_INTERVAL`] when Redis hangs without closing the connection. So
+/// an unreachable Redis turns into misses (DocumentDB reads), exactly as without the copy.
 #[derive(Clone)]
 pub struct RedisCache {
     conn: ConnectionManager,
     settings: CacheSettings,
-    script: Arc<redis::Script>,
+    near: Option<Arc<Near>>,
+}
+
+/// How often a process with an in-process copy checks that Redis still answers and, if
+/// tracking was lost, turns it back on.
+pub const NEAR_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Counters of the in-process copy, for tests and operators.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NearStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub invalidations: u64,
+}
+
+/// The in-process copy of Redis profile entries.
+///
+/// Fills are guarded against the classic client-side-caching race (a value read from Redis
+/// just before a write, whose invalidation is handled before the value is stored): a fill
+/// carries the logical clock of when its read started and is dropped if its key, or
+/// everything, was invalidated since.
+pub struct Near {
+    capacity: usize,
+    ttl: Duration,
+    state: Mutex<NearState>,
+}
+
+#[derive(Default)]
+struct NearState {
+    /// Redis tracks keys for the current connection and answers: the copy may be used.
+    live: bool,
+    entries: HashMap<UserId, (ProfileView, Instant)>,
+    clock: u64,
+    invalidated_at: HashMap<UserId, u64>,
+    cleared_at: u64,
+    /// Connections lost so far; tracking turned on before the latest loss does not count.
+    disconnects: u64,
+    stats: NearStats,
+}
+
+impl Near {
+    fn new(capacity: usize, ttl: Duration) -> Near {
+        Near {
+            capacity,
+            ttl,
+            state: Mutex::new(NearState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NearState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn get(&self, id: UserId) -> Option<ProfileView> {
+        let mut s = self.lock();
+        if !s.live {
+            return None;
+        }
+        match s.entries.get(&id) {
+            Some((v, expires)) if *expires > Instant::now() => {
+                let v = v.clone();
+                s.stats.hits += 1;
+                Some(v)
+            }
+            _ => {
+                s.stats.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Taken before reading Redis; `None` while the copy is off.
+    fn ticket(&self) -> Option<u64> {
+        let s = self.lock();
+        s.live.then_some(s.clock)
+    }
+
+    fn fill(&self, ticket: u64, view: &ProfileView) {
+        let mut s = self.lock();
+        if !s.live
+            || s.cleared_at > ticket
+            || s.invalidated_at
+                .get(&view.user_id)
+                .is_some_and(|&at| at > ticket)
+        {
+            return;
+        }
+        let now = Instant::now();
+        if s.entries.len() >= self.capacity {
+            s.entries.retain(|_, (_, e)| *e > now);
+            if s.entries.len() >= self.capacity {
+                s.entries.clear();
+            }
+        }
+        s.entries
+            .insert(view.user_id, (view.clone(), now + self.ttl));
+    }
+
+    fn invalidate(&self, ids: impl IntoIterator<Item = UserId>) {
+        let mut s = self.lock();
+        s.clock += 1;
+        let now = s.clock;
+        for id in ids {
+            s.entries.remove(&id);
+            s.invalidated_at.insert(id, now);
+            s.stats.invalidations += 1;
+        }
+        if s.invalidated_at.len() > self.capacity {
+            s.invalidated_at.clear();
+            s.cleared_at = now;
+        }
+    }
+
+    fn clear(s: &mut NearState, live: bool) {
+        s.clock += 1;
+        s.cleared_at = s.clock;
+        s.entries.clear();
+        s.invalidated_at.clear();
+        s.live = live;
+    }
+
+    /// Stop answering until the probe has seen Redis answer and tracking on.
+    fn suspend(&self) {
+        Near::clear(&mut self.lock(), false);
+    }
+
+    fn disconnects(&self) -> u64 {
+        self.lock().disconnects
+    }
+
+    /// Tracking was turned on after `disconnects_before` losses: use the copy, from empty.
+    fn resume(&self, disconnects_before: u64) -> bool {
+        let mut s = self.lock();
+        if s.disconnects != disconnects_before {
+            return false;
+        }
+        if !s.live {
+            Near::clear(&mut s, true);
+        }
+        true
+    }
+
+    fn is_live(&self) -> bool {
+        self.lock().live
+    }
+
+    /// Everything the connection pushes: invalidations and the driver's disconnect notice.
+    fn on_push(&self, push: redis::PushInfo) {
+        match push.kind {
+            redis::PushKind::Invalidate => match push.data.first() {
+                Some(redis::Value::Array(keys)) => self.invalidate(keys.iter().filter_map(|k| {
+                    let k: String = redis::FromRedisValue::from_redis_value_ref(k).ok()?;
+                    UserId::parse(k.strip_prefix(KEY_PREFIX)?).ok()
+                })),
+                // FLUSHALL/FLUSHDB: everything is gone; tracking stays on.
+                _ => {
+                    let mut s = self.lock();
+                    let live = s.live;
+                    Near::clear(&mut s, live);
+                }
+            },
+            redis::PushKind::Disconnection => {
+                let mut s = self.lock();
+                s.disconnects += 1;
+                Near::clear(&mut s, false);
+            }
+            _ => {}
+        }
+    }
 }
 
 impl RedisCache {
     pub async fn connect(url: &str, settings: CacheSettings) -> Result<RedisCache> {
-        let client = redis::Client::open(url).context("parsing KARMIC_REDIS_URL")?;
-        let config = redis::aio::ConnectionManagerConfig::new()
+        use redis::IntoConnectionInfo;
+        let mut info = url
+            .into_connection_info()
+            .context("parsing KARMIC_REDIS_URL")?;
+        let mut config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.timeout.max(Duration::from_millis(200))))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(1);
+        let near = (settings.near_entries > 0)
+            .then(|| Arc::new(Near::new(settings.near_entries, settings.ttl)));
+        if let Some(near) = &near {
+            let resp3 = info
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3);
+            info = info.set_redis_settings(resp3);
+            let n = Arc::downgrade(near);
+            config = config.set_push_sender(move |push: redis::PushInfo| {
+                if let Some(n) = n.upgrade() {
+                    n.on_push(push);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        }
+        let client = redis::Client::open(info).context("parsing KARMIC_REDIS_URL")?;
         // Connecting lazily would hide a wrong URL; a down server is fine later on.
         let conn = tokio::time::timeout(
             Duration::from_secs(5),
@@ -84,11 +300,20 @@ impl RedisCache {
         .await
         .context("connecting to Redis timed out")?
         .context("connecting to Redis")?;
+        if let Some(near) = &near {
+            probe_once(&mut conn.clone(), near, settings.timeout).await;
+            tokio::spawn(probe(conn.clone(), Arc::downgrade(near), settings.timeout));
+        }
         Ok(RedisCache {
             conn,
             settings,
-            script: Arc::new(redis::Script::new(PUT_IF_NEWER)),
+            near,
         })
+    }
+
+    /// Counters of the in-process copy (`None` when it is off).
+    pub fn near_cache_statistics(&self) -> Option<NearStats> {
+        self.near.as_ref().map(|n| n.lock().stats)
     }
 
     async fn timed<T>(
@@ -102,28 +327,118 @@ impl RedisCache {
     }
 }
 
+/// Ping Redis; on silence stop using the copy, on an answer make sure tracking is on.
+async fn probe_once(conn: &mut ConnectionManager, near: &Near, timeout: Duration) {
+    let answered = matches!(
+        tokio::time::timeout(
+            timeout,
+            redis::cmd("PING").query_async::<redis::Value>(conn)
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    if !answered {
+        if near.is_live() {
+            tracing::warn!("Redis does not answer; profile near cache bypassed");
+        }
+        near.suspend();
+        return;
+    }
+    if near.is_live() {
+        return;
+    }
+    let before = near.disconnects();
+    // OFF first: turning tracking on twice with the same prefix is refused.
+    let mut pipe = redis::pipe();
+    pipe.cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("OFF")
+        .ignore()
+        .cmd("CLIENT")
+        .arg("TRACKING")
+        .arg("ON")
+        .arg("BCAST")
+        .arg("PREFIX")
+        .arg(KEY_PREFIX)
+        .ignore();
+    match tokio::time::timeout(timeout, pipe.query_async::<()>(conn)).await {
+        Ok(Ok(())) => {
+            if near.resume(before) {
+                tracing::info!("profile near cache in use (Redis tracks the profile keys)");
+            }
+        }
+        Ok(Err(e)) => tracing::warn!(error = %e, "Redis refused client tracking; near cache off"),
+        Err(_) => {}
+    }
+}
+
+/// [`probe_once`] every [`NEAR_PROBE_INTERVAL`]; ends when the cache it serves is dropped.
+async fn probe(mut conn: ConnectionManager, near: std::sync::Weak<Near>, timeout: Duration) {
+    let mut tick = tokio::time::interval(NEAR_PROBE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(n) = near.upgrade() else {
+            return;
+        };
+        probe_once(&mut conn, &n, timeout).await;
+    }
+}
+
 #[async_trait::async_trait]
 impl ProfileCache for RedisCache {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>> {
+        let ticket = match &self.near {
+            Some(near) => match near.get(id) {
+                Some(v) => return Ok(Some(v)),
+                None => near.ticket(),
+            },
+            None => None,
+        };
         let mut c = self.conn.clone();
         let key = format!("{KEY_PREFIX}{id}");
         let raw: Option<String> = self
             .timed(async move { redis::cmd("GET").arg(key).query_async(&mut c).await })
             .await?;
-        Ok(raw.and_then(|s| serde_json::from_str(&s).ok()))
+        let view: Option<ProfileView> = raw.and_then(|s| serde_json::from_str(&s).ok());
+        if let (Some(near), Some(ticket), Some(v)) = (&self.near, ticket, &view) {
+            near.fill(ticket, v);
+        }
+        Ok(view)
     }
 
     async fn put_if_newer(&self, view: &ProfileView) -> Result<()> {
+        self.put_many_if_newer(std::slice::from_ref(view)).await
+    }
+
+    /// One pipeline of compare-and-sets: one round trip for a whole projection batch.
+    /// (`EVAL` rather than `EVALSHA`: Redis keeps the compiled script by its hash anyway,
+    /// and a restarted Redis needs no reload.)
+    async fn put_many_if_newer(&self, views: &[ProfileView]) -> Result<()> {
+        if views.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for v in views {
+            pipe.cmd("EVAL")
+                .arg(PUT_IF_NEWER)
+                .arg(1)
+                .arg(format!("{KEY_PREFIX}{}", v.user_id))
+                .arg(serde_json::to_string(v)?)
+                .arg(v.version)
+                .arg(self.settings.ttl.as_secs())
+                .ignore();
+        }
         let mut c = self.conn.clone();
-        let json = serde_json::to_string(view)?;
-        let mut inv = self.script.key(format!("{KEY_PREFIX}{}", view.user_id));
-        inv.arg(json)
-            .arg(view.version)
-            .arg(self.settings.ttl.as_secs());
-        let _: i64 = self
-            .timed(async move { inv.invoke_async(&mut c).await })
-            .await?;
-        Ok(())
+        let result = self
+            .timed(async move { pipe.query_async::<()>(&mut c).await })
+            .await;
+        // Whatever happened, this process's copy of these keys is no longer to be trusted;
+        // Redis's own invalidation push for them may come after the reply.
+        if let Some(near) = &self.near {
+            near.invalidate(views.iter().map(|v| v.user_id));
+        }
+        result
     }
 
     async fn clear(&self) -> Result<()> {
@@ -216,8 +531,12 @@ pub struct CachedProfiles {
     store: Arc<dyn ProfileStore>,
     cache: Arc<dyn ProfileCache>,
     loading: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
-    /// Profiles written to the store whose cache entry could not be refreshed yet.
-    dirty: Mutex<std::collections::HashSet<UserId>>,
+    /// Profiles written to the store whose cache entry is not refreshed yet, with what
+    /// was written (the store's current value: the projection has one driver at a time,
+    /// and the cache's compare-and-set discards it if another process wrote newer since).
+    dirty: Mutex<HashMap<UserId, ProfileView>>,
+    /// `dirty.len()`, readable without the lock on the read path.
+    dirty_len: AtomicUsize,
 }
 
 impl CachedProfiles {
@@ -226,11 +545,12 @@ impl CachedProfiles {
             store,
             cache,
             loading: Mutex::new(HashMap::new()),
-            dirty: Mutex::new(std::collections::HashSet::new()),
+            dirty: Mutex::new(HashMap::new()),
+            dirty_len: AtomicUsize::new(0),
         }
     }
 
-    fn dirty(&self) -> Result<std::sync::MutexGuard<'_, std::collections::HashSet<UserId>>> {
+    fn dirty(&self) -> Result<std::sync::MutexGuard<'_, HashMap<UserId, ProfileView>>> {
         self.dirty
             .lock()
             .map_err(|_| anyhow::anyhow!("dirty set poisoned"))
@@ -267,6 +587,11 @@ impl CachedProfiles {
 #[async_trait::async_trait]
 impl ProfileStore for CachedProfiles {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>> {
+        // A profile this process wrote to the store but could not refresh in the cache:
+        // the cache may hold an older version, the store is the truth.
+        if self.dirty_len.load(Ordering::Acquire) > 0 && self.dirty()?.contains_key(&id) {
+            return self.store.get(id).await;
+        }
         if let Some(v) = self.cached(id).await {
             return Ok(Some(v));
         }
@@ -290,49 +615,50 @@ impl ProfileStore for CachedProfiles {
         result
     }
 
+    /// Only what the store accepted goes to the cache (a late, older event must not land
+    /// in a cache whose entry for the newer one has expired), and it is refreshed, never
+    /// just deleted, so that no reader can put back an older value.
     async fn upsert(&self, view: &ProfileView) -> Result<bool> {
-        // Only what the store accepted goes to the cache: a late, older event must not
-        // land in a cache whose entry for the newer one has expired.
-        if !self.store.upsert(view).await? {
-            return Ok(false);
-        }
-        // Refresh (never just delete) so that no reader can put back an older value.
-        // Failing here fails the batch: the projector retries until the cache agrees.
-        self.cache
-            .put_if_newer(view)
-            .await
-            .context("refreshing the profile cache")?;
-        Ok(true)
+        Ok(!self
+            .upsert_many(std::slice::from_ref(view))
+            .await?
+            .is_empty())
     }
 
     /// Write the whole batch to the store first (a dead cache must not hold the read
     /// model back), then bring the cache entries of everything written up to the store.
     /// If the cache cannot be refreshed the batch fails, so the projector retries (and the
     /// checkpoint, and `projections status`, show the lag) until it can.
-    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
-        for v in views {
-            if self.store.upsert(v).await? {
-                self.dirty()?.insert(v.user_id);
-            }
-        }
-        let pending: Vec<UserId> = self.dirty()?.iter().copied().collect();
-        let mut failed = 0usize;
-        for id in pending {
-            let refreshed = match self.store.get(id).await? {
-                Some(current) => self.cache.put_if_newer(&current).await,
-                None => Ok(()),
-            };
-            match refreshed {
-                Ok(()) => {
-                    self.dirty()?.remove(&id);
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<Vec<ProfileView>> {
+        let stored = self.store.upsert_many(views).await?;
+        let pending: Vec<ProfileView> = {
+            let mut dirty = self.dirty()?;
+            for v in &stored {
+                match dirty.get(&v.user_id) {
+                    Some(cur) if cur.version >= v.version => {}
+                    _ => {
+                        dirty.insert(v.user_id, v.clone());
+                    }
                 }
-                Err(_) => failed += 1,
+            }
+            self.dirty_len.store(dirty.len(), Ordering::Release);
+            dirty.values().cloned().collect()
+        };
+        self.cache
+            .put_many_if_newer(&pending)
+            .await
+            .with_context(|| format!("refreshing {} profile cache entries", pending.len()))?;
+        let mut dirty = self.dirty()?;
+        for v in &pending {
+            if dirty
+                .get(&v.user_id)
+                .is_some_and(|cur| cur.version == v.version)
+            {
+                dirty.remove(&v.user_id);
             }
         }
-        if failed > 0 {
-            anyhow::bail!("{failed} profile cache entries could not be refreshed");
-        }
-        Ok(())
+        self.dirty_len.store(dirty.len(), Ordering::Release);
+        Ok(stored)
     }
 
     async fn all(&self) -> Result<Vec<ProfileView>> {

@@ -5,6 +5,7 @@
 //! a document in `karmic_meta`, so a rebuild fills a new collection and switches readers to
 //! it with one single-document write.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,6 +55,44 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
         ErrorKind::Command(c) => c.code == 11000,
         _ => false,
     }
+}
+
+/// Statements per `update` command: far below the server's limits (100,000 statements,
+/// 16 MiB), small enough that one slow command does not hold a batch for long.
+const UPDATE_CHUNK: usize = 500;
+
+/// The indexes of the statements of an unordered `update` reply that were refused because
+/// the stored document is as new or newer (duplicate `_id` on the upsert). Any other write
+/// error, or a write-concern error, fails the whole call: the projector retries the batch,
+/// and the statements that did succeed are no-ops the second time.
+fn refused_statements(reply: &Document) -> Result<std::collections::HashSet<usize>> {
+    if let Ok(wce) = reply.get_document("writeConcernError") {
+        anyhow::bail!("MongoDB write concern error: {wce}");
+    }
+    let mut refused = std::collections::HashSet::new();
+    if let Ok(errors) = reply.get_array("writeErrors") {
+        for e in errors {
+            let e = e.as_document().context("malformed writeErrors entry")?;
+            let code = e
+                .get_i32("code")
+                .map(i64::from)
+                .or_else(|_| e.get_i64("code"))
+                .context("writeErrors entry without a code")?;
+            if code != 11000 {
+                anyhow::bail!(
+                    "MongoDB refused a profile write: {}",
+                    e.get_str("errmsg").unwrap_or("no message")
+                );
+            }
+            let index = e
+                .get_i32("index")
+                .map(i64::from)
+                .or_else(|_| e.get_i64("index"))
+                .context("writeErrors entry without an index")?;
+            refused.insert(usize::try_from(index).context("negative statement index")?);
+        }
+    }
+    Ok(refused)
 }
 
 fn to_doc(v: &ProfileView) -> Document {
@@ -206,15 +245,57 @@ impl ProfileStore for MongoProfiles {
         }
     }
 
-    /// Distinct profiles are independent documents: write up to 16 at a time.
-    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
-        use futures::StreamExt;
-        let writes: Vec<_> = views.iter().map(|v| self.upsert(v)).collect();
-        let mut results = futures::stream::iter(writes).buffer_unordered(16);
-        while let Some(r) = results.next().await {
-            r?;
+    /// One `update` command per chunk of the batch (unordered: the profiles are
+    /// independent documents), so a batch costs one round trip instead of one per profile.
+    /// Within the batch only the newest view of each profile is written: the older ones
+    /// would be overwritten by it anyway. A statement refused with a duplicate key is the
+    /// "stored version is newer" case, exactly as in [`ProfileStore::upsert`].
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<Vec<ProfileView>> {
+        let mut newest: Vec<&ProfileView> = Vec::with_capacity(views.len());
+        let mut at: HashMap<UserId, usize> = HashMap::with_capacity(views.len());
+        for v in views {
+            match at.get(&v.user_id) {
+                Some(&i) if newest[i].version >= v.version => {}
+                Some(&i) => newest[i] = v,
+                None => {
+                    at.insert(v.user_id, newest.len());
+                    newest.push(v);
+                }
+            }
         }
-        Ok(())
+        let collection = self.collection().await?;
+        let mut stored = Vec::with_capacity(newest.len());
+        for chunk in newest.chunks(UPDATE_CHUNK) {
+            let updates: Vec<Document> = chunk
+                .iter()
+                .map(|v| {
+                    doc! {
+                        "q": {"_id": v.user_id.to_string(), "version": {"$lt": v.version}},
+                        "u": {"$set": to_doc(v)},
+                        "upsert": true,
+                        "multi": false,
+                    }
+                })
+                .collect();
+            let reply = self
+                .db
+                .run_command(doc! {
+                    "update": collection.name(),
+                    "updates": updates,
+                    "ordered": false,
+                })
+                .await
+                .context("writing profiles to MongoDB")?;
+            let refused = refused_statements(&reply)?;
+            stored.extend(
+                chunk
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !refused.contains(i))
+                    .map(|(_, v)| (*v).clone()),
+            );
+        }
+        Ok(stored)
     }
 
     async fn all(&self) -> Result<Vec<ProfileView>> {

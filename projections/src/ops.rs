@@ -1,6 +1,6 @@
 //! Operating projections: status, consistency checks, rebuilds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -189,32 +189,7 @@ pub async fn verify_users(
 ) -> Result<Vec<Difference>> {
     let mut expected: BTreeMap<String, UserView> = BTreeMap::new();
     for_each_batch(feed, Position::START, |batch| {
-        for e in batch.iter().filter(|e| e.aggregate_type == User::TYPE) {
-            let id = UserId::parse(&e.aggregate_id)?;
-            let event: UserEvent = e.decode()?;
-            if let UserEvent::UserRegistered { email, .. } = &event {
-                expected.insert(
-                    e.aggregate_id.clone(),
-                    UserView {
-                        user_id: id,
-                        email: email.clone(),
-                        is_admin: false,
-                        active: true,
-                        registered_at: e.recorded_at,
-                        version: 0,
-                    },
-                );
-            }
-            if let Some(v) = expected.get_mut(&e.aggregate_id) {
-                match event {
-                    UserEvent::AdminRoleGranted => v.is_admin = true,
-                    UserEvent::AdminRoleRevoked => v.is_admin = false,
-                    UserEvent::UserDeactivated => v.active = false,
-                    UserEvent::UserRegistered { .. } | UserEvent::PasswordChanged { .. } => {}
-                }
-                v.version = e.sequence;
-            }
-        }
+        fold_users(batch, &mut expected)?;
         Ok(())
     })
     .await?;
@@ -234,6 +209,120 @@ pub async fn verify_users(
         v.registered_at = ms(v.registered_at);
     }
     diff(expected, actual)
+}
+
+/// Fold the user events of `batch` into `users` (keyed by aggregate id); returns the ids
+/// it changed. The same fold serves the consistency check and the rebuild, so they cannot
+/// disagree about what the read model should hold.
+fn fold_users(
+    batch: &[StoredEvent],
+    users: &mut BTreeMap<String, UserView>,
+) -> Result<BTreeSet<String>> {
+    let mut touched = BTreeSet::new();
+    for e in batch.iter().filter(|e| e.aggregate_type == User::TYPE) {
+        let id = UserId::parse(&e.aggregate_id)?;
+        let event: UserEvent = e.decode()?;
+        if let UserEvent::UserRegistered { email, .. } = &event {
+            users.insert(
+                e.aggregate_id.clone(),
+                UserView {
+                    user_id: id,
+                    email: email.clone(),
+                    is_admin: false,
+                    active: true,
+                    registered_at: e.recorded_at,
+                    version: 0,
+                },
+            );
+        }
+        if let Some(v) = users.get_mut(&e.aggregate_id) {
+            match event {
+                UserEvent::AdminRoleGranted => v.is_admin = true,
+                UserEvent::AdminRoleRevoked => v.is_admin = false,
+                UserEvent::UserDeactivated => v.active = false,
+                UserEvent::UserRegistered { .. } | UserEvent::PasswordChanged { .. } => {}
+            }
+            v.version = e.sequence;
+            touched.insert(e.aggregate_id.clone());
+        }
+    }
+    Ok(touched)
+}
+
+/// Rebuild the users read model from position zero into `users_view_rebuild`, then swap it
+/// in for `users_view` in one transaction. Users are few and small, so the fold happens in
+/// memory and the table is written in multi-row inserts; the events committed meanwhile
+/// are folded and written under the projection's lock, right before the switch. Reads
+/// answer from the old table until then. Safe to interrupt at any point and run again.
+pub async fn rebuild_users(
+    projector: &Projector,
+    read_models: &ReadModels,
+    progress: Progress<'_>,
+) -> Result<u64> {
+    const NAME: &str = "users";
+    let feed = projector.feed().clone();
+    read_models.begin_users_rebuild().await?;
+    let total = feed.count_after(Position::START).await?.max(0) as u64;
+    let mut users: BTreeMap<String, UserView> = BTreeMap::new();
+    let mut done = 0u64;
+    let mut at = Position::START;
+    loop {
+        let batch = feed.read_after(at, 1000).await?;
+        let Some(last) = batch.last() else { break };
+        at = last.position;
+        fold_users(&batch, &mut users)?;
+        done += batch.len() as u64;
+        progress(done, total.max(done));
+    }
+    let all: Vec<UserView> = users.values().cloned().collect();
+    read_models.write_rebuilt_users(&all).await?;
+    let Some(lock) = projector
+        .checkpoints()
+        .lock(NAME, Duration::from_secs(30))
+        .await?
+    else {
+        bail!("could not take over the {NAME} projection (another driver holds it)");
+    };
+    let result = async {
+        wait_for_horizon(&*feed).await?;
+        let mut touched = BTreeSet::new();
+        loop {
+            let batch = feed.read_after(at, 1000).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.position;
+            touched.extend(fold_users(&batch, &mut users)?);
+            done += batch.len() as u64;
+            progress(done, done);
+        }
+        let tail: Vec<UserView> = touched
+            .iter()
+            .filter_map(|id| users.get(id).cloned())
+            .collect();
+        read_models.write_rebuilt_users(&tail).await?;
+        read_models.finish_users_rebuild().await?;
+        projector
+            .checkpoints()
+            .save(NAME, at)
+            .await
+            .context("saving the checkpoint")
+    }
+    .await;
+    lock.release().await;
+    result?;
+    Ok(done)
+}
+
+/// Wait (a few seconds at most) until the feed can show everything committed so far.
+async fn wait_for_horizon(feed: &dyn EventFeed) -> Result<()> {
+    if let Some(horizon) = feed.horizon().await? {
+        for _ in 0..500 {
+            if feed.is_visible(horizon).await? {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
 }
 
 /// How many distinct profiles a rebuild folds in memory before writing them.
@@ -290,14 +379,7 @@ pub async fn rebuild_profiles(
         bail!("could not take over the {NAME} projection (another driver holds it)");
     };
     let result = async {
-        if let Some(horizon) = feed.horizon().await? {
-            for _ in 0..500 {
-                if feed.is_visible(horizon).await? {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        wait_for_horizon(&*feed).await?;
         loop {
             let batch = feed.read_after(at, 1000).await?;
             let Some(last) = batch.last() else { break };

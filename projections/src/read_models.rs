@@ -224,6 +224,127 @@ impl ReadModels {
     }
 }
 
+/// The users table a rebuild fills beside `users_view`.
+pub const USERS_TABLE: &str = "users_view";
+pub const USERS_REBUILD_TABLE: &str = "users_view_rebuild";
+
+impl ReadModels {
+    /// An empty copy of table `live` named `next` (dropped first if a rebuild left it).
+    async fn create_beside(&self, live: &str, next: &str) -> Result<()> {
+        match self {
+            ReadModels::Postgres(p) => {
+                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
+                    .execute(p)
+                    .await?;
+                sqlx::query(&format!("CREATE TABLE {next} (LIKE {live} INCLUDING ALL)"))
+                    .execute(p)
+                    .await?;
+            }
+            ReadModels::Sqlite(p) => {
+                // Copy the live table's own DDL, renamed, so the two never drift apart.
+                let ddl: String = sqlx::query_scalar(
+                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                )
+                .bind(live)
+                .fetch_one(p)
+                .await?;
+                let ddl = ddl.replacen(live, next, 1);
+                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
+                    .execute(p)
+                    .await?;
+                sqlx::query(&ddl).execute(p).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Put table `next` in the place of `live` and drop the old one, in one transaction:
+    /// DDL is transactional on both databases, so readers see the old table or the new,
+    /// never neither.
+    async fn swap_in(&self, live: &str, next: &str) -> Result<()> {
+        let old = format!("{live}_old");
+        let steps = [
+            format!("ALTER TABLE {live} RENAME TO {old}"),
+            format!("ALTER TABLE {next} RENAME TO {live}"),
+            format!("DROP TABLE {old}"),
+        ];
+        match self {
+            ReadModels::Postgres(p) => {
+                let mut tx = p.begin().await?;
+                for step in &steps {
+                    sqlx::query(step).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            ReadModels::Sqlite(p) => {
+                let mut tx = p.begin().await?;
+                for step in &steps {
+                    sqlx::query(step).execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Start a rebuild of the users read model: an empty `users_view_rebuild`.
+    pub async fn begin_users_rebuild(&self) -> Result<()> {
+        self.create_beside(USERS_TABLE, USERS_REBUILD_TABLE).await
+    }
+
+    /// Write whole user rows into the rebuild table, each unless it already holds the
+    /// same or a newer version.
+    pub async fn write_rebuilt_users(&self, users: &[UserView]) -> Result<()> {
+        const CHUNK: usize = 500;
+        let t = USERS_REBUILD_TABLE;
+        let head =
+            format!("INSERT INTO {t} (user_id, email, is_admin, active, registered_at, version) ");
+        let tail = format!(
+            " ON CONFLICT (user_id) DO UPDATE
+                SET email = excluded.email, is_admin = excluded.is_admin,
+                    active = excluded.active, registered_at = excluded.registered_at,
+                    version = excluded.version
+              WHERE {t}.version < excluded.version"
+        );
+        for chunk in users.chunks(CHUNK) {
+            match self {
+                ReadModels::Postgres(p) => {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(&head);
+                    q.push_values(chunk, |mut b, u| {
+                        b.push_bind(u.user_id.as_uuid())
+                            .push_bind(&u.email)
+                            .push_bind(u.is_admin)
+                            .push_bind(u.active)
+                            .push_bind(u.registered_at)
+                            .push_bind(u.version);
+                    });
+                    q.push(&tail);
+                    q.build().execute(p).await.context("writing users")?;
+                }
+                ReadModels::Sqlite(p) => {
+                    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(&head);
+                    q.push_values(chunk, |mut b, u| {
+                        b.push_bind(u.user_id.to_string())
+                            .push_bind(&u.email)
+                            .push_bind(u.is_admin)
+                            .push_bind(u.active)
+                            .push_bind(ts(u.registered_at))
+                            .push_bind(u.version);
+                    });
+                    q.push(&tail);
+                    q.build().execute(p).await.context("writing users")?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Make the rebuilt users table the live one.
+    pub async fn finish_users_rebuild(&self) -> Result<()> {
+        self.swap_in(USERS_TABLE, USERS_REBUILD_TABLE).await
+    }
+}
+
 fn pg_user(r: &sqlx::postgres::PgRow) -> Result<UserView> {
     Ok(UserView {
         user_id: UserId::from_uuid(r.try_get("user_id")?),
@@ -257,13 +378,18 @@ pub trait ProfileStore: Send + Sync {
     /// Store `view` unless the stored one has the same or a higher version. Returns
     /// whether it was stored.
     async fn upsert(&self, view: &ProfileView) -> Result<bool>;
-    /// Store a batch, in order. The default stores each; a cache overrides it so that a
-    /// cache failure never holds the store back.
-    async fn upsert_many(&self, views: &[ProfileView]) -> Result<()> {
+    /// Store a batch, in order, and return the views that were stored (an older or equal
+    /// version than the stored one is not). The default stores each; a store with a
+    /// batch write overrides it, and a cache overrides it so that a cache failure never
+    /// holds the store back.
+    async fn upsert_many(&self, views: &[ProfileView]) -> Result<Vec<ProfileView>> {
+        let mut stored = Vec::new();
         for v in views {
-            self.upsert(v).await?;
+            if self.upsert(v).await? {
+                stored.push(v.clone());
+            }
         }
-        Ok(())
+        Ok(stored)
     }
     /// Every stored profile (consistency checks; not for request paths).
     async fn all(&self) -> Result<Vec<ProfileView>>;
@@ -376,31 +502,8 @@ impl ProfileStore for SqlProfiles {
     }
 
     async fn begin_rebuild(&self) -> Result<RebuildTarget> {
-        let (live, next) = (PROFILES_TABLE, PROFILES_REBUILD_TABLE);
-        match &self.db {
-            ReadModels::Postgres(p) => {
-                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
-                    .execute(p)
-                    .await?;
-                sqlx::query(&format!("CREATE TABLE {next} (LIKE {live} INCLUDING ALL)"))
-                    .execute(p)
-                    .await?;
-            }
-            ReadModels::Sqlite(p) => {
-                // Copy the live table's own DDL, renamed, so the two never drift apart.
-                let ddl: String = sqlx::query_scalar(
-                    "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
-                )
-                .bind(live)
-                .fetch_one(p)
-                .await?;
-                let ddl = ddl.replacen(live, next, 1);
-                sqlx::query(&format!("DROP TABLE IF EXISTS {next}"))
-                    .execute(p)
-                    .await?;
-                sqlx::query(&ddl).execute(p).await?;
-            }
-        }
+        let next = PROFILES_REBUILD_TABLE;
+        self.db.create_beside(PROFILES_TABLE, next).await?;
         Ok(RebuildTarget {
             name: next.to_owned(),
             store: Arc::new(SqlProfiles {
@@ -411,37 +514,7 @@ impl ProfileStore for SqlProfiles {
     }
 
     async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()> {
-        let (live, next) = (PROFILES_TABLE, target.name.as_str());
-        let old = format!("{live}_old");
-        // DDL is transactional on both: readers see the old table or the new, never neither.
-        match &self.db {
-            ReadModels::Postgres(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query(&format!("ALTER TABLE {live} RENAME TO {old}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("ALTER TABLE {next} RENAME TO {live}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("DROP TABLE {old}"))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-            }
-            ReadModels::Sqlite(p) => {
-                let mut tx = p.begin().await?;
-                sqlx::query(&format!("ALTER TABLE {live} RENAME TO {old}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("ALTER TABLE {next} RENAME TO {live}"))
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(&format!("DROP TABLE {old}"))
-                    .execute(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-            }
-        }
+        self.db.swap_in(PROFILES_TABLE, &target.name).await?;
         Ok(())
     }
 
@@ -543,6 +616,7 @@ impl Projection for ProfilesProjection {
                 e.recorded_at,
             ));
         }
-        self.0.upsert_many(&views).await
+        self.0.upsert_many(&views).await?;
+        Ok(())
     }
 }

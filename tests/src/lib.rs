@@ -527,6 +527,26 @@ impl PrivateServer {
         }
     }
 
+    /// SIGSTOP: the server keeps its connections open and answers nothing (a hung node).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`PrivateServer::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("server not running").id();
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     pub fn mongodb_url(&self) -> String {
         format!(
             "mongodb://127.0.0.1:{}/?directConnection=true&retryWrites=false",

@@ -48,17 +48,19 @@ async fn sqlite_with_local_cache() -> Subject {
     Subject { store, ..s }
 }
 
-async fn mongo_with_redis() -> Subject {
+fn redis_settings(near_entries: usize) -> CacheSettings {
+    CacheSettings {
+        ttl: Duration::from_secs(300),
+        timeout: Duration::from_millis(500),
+        near_entries,
+    }
+}
+
+async fn mongo_with_redis(near_entries: usize) -> Subject {
     let s = mongo().await;
-    let redis = RedisCache::connect(
-        &tests::redis_url(),
-        CacheSettings {
-            ttl: Duration::from_secs(300),
-            timeout: Duration::from_millis(500),
-        },
-    )
-    .await
-    .unwrap();
+    let redis = RedisCache::connect(&tests::redis_url(), redis_settings(near_entries))
+        .await
+        .unwrap();
     let store = Arc::new(CachedProfiles::new(s.store.clone(), Arc::new(redis)));
     Subject { store, ..s }
 }
@@ -129,6 +131,42 @@ async fn duplicate_and_out_of_order_delivery_ends_in_the_same_state(s: Subject) 
     let all = s.store.all().await.unwrap();
     assert_eq!(all.len(), 5);
     assert!(all.iter().all(|v| v.version == 6));
+}
+
+async fn a_batch_stores_the_newest_of_each_and_reports_what_it_stored(s: Subject) {
+    let (a, b, c) = (UserId::new_v7(), UserId::new_v7(), UserId::new_v7());
+    assert!(s.store.upsert(&view(a, 5, "a5")).await.unwrap());
+    assert!(s.store.upsert(&view(c, 9, "c9")).await.unwrap());
+    let batch = [
+        view(a, 3, "a3, late"),
+        view(b, 1, "b1"),
+        view(a, 6, "a6"),
+        view(c, 9, "c9, again"),
+        view(b, 2, "b2"),
+        view(a, 4, "a4, late"),
+    ];
+    let stored = s.store.upsert_many(&batch).await.unwrap();
+    // Whatever an adapter writes along the way, what it reports as stored is newer than
+    // what was there, and the newest it reports per profile is what the store now holds.
+    assert!(stored.iter().all(|v| v.user_id != c), "{stored:?}");
+    assert!(
+        stored.iter().all(|v| v.user_id != a || v.version > 5),
+        "{stored:?}"
+    );
+    let newest = |id| {
+        stored
+            .iter()
+            .filter(|v| v.user_id == id)
+            .map(|v| v.version)
+            .max()
+    };
+    assert_eq!((newest(a), newest(b)), (Some(6), Some(2)));
+    assert_eq!(s.store.get(a).await.unwrap(), Some(view(a, 6, "a6")));
+    assert_eq!(s.store.get(b).await.unwrap(), Some(view(b, 2, "b2")));
+    assert_eq!(s.store.get(c).await.unwrap(), Some(view(c, 9, "c9")));
+    // The same batch again changes nothing and reports nothing.
+    assert_eq!(s.store.upsert_many(&batch).await.unwrap(), vec![]);
+    assert!(s.store.upsert_many(&[]).await.unwrap().is_empty());
 }
 
 async fn a_rebuild_fills_a_new_store_and_switches_at_once(s: Subject) {
@@ -215,6 +253,8 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn duplicates_and_reordering() { duplicate_and_out_of_order_delivery_ends_in_the_same_state($make).await }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn batches() { a_batch_stores_the_newest_of_each_and_reports_what_it_stored($make).await }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn rebuild_switch() { a_rebuild_fills_a_new_store_and_switches_at_once($make).await }
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn rebuild_restart() { an_interrupted_rebuild_can_be_started_again($make).await }
@@ -228,5 +268,76 @@ contract!(
     postgres => sql(Backend::Postgres).await,
     documentdb => mongo().await,
     sqlite_local_cache => sqlite_with_local_cache().await,
-    documentdb_redis => mongo_with_redis().await,
+    documentdb_redis => mongo_with_redis(0).await,
+    documentdb_redis_near_cache => mongo_with_redis(1000).await,
 );
+
+fn profile_key_value(v: &ProfileView) -> String {
+    serde_json::to_string(v).unwrap()
+}
+
+/// The in-process copy in front of Redis answers repeated reads from memory, and a write
+/// made by another process (another connection) reaches it through Redis's invalidation
+/// push, not after the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_answers_from_memory_and_hears_of_other_writers_at_once() {
+    use projections::cache::ProfileCache;
+    let reader = RedisCache::connect(&tests::redis_url(), redis_settings(100))
+        .await
+        .unwrap();
+    let writer = RedisCache::connect(&tests::redis_url(), redis_settings(0))
+        .await
+        .unwrap();
+    let id = UserId::new_v7();
+    writer.put_if_newer(&view(id, 1, "one")).await.unwrap();
+    for _ in 0..10 {
+        assert_eq!(reader.get(id).await.unwrap(), Some(view(id, 1, "one")));
+    }
+    let stats = reader.near_cache_statistics().unwrap();
+    assert_eq!((stats.misses, stats.hits), (1, 9), "{stats:?}");
+
+    // Another process writes: the reader sees it within the time of a push, not a TTL.
+    writer.put_if_newer(&view(id, 2, "two")).await.unwrap();
+    let t = std::time::Instant::now();
+    while reader.get(id).await.unwrap() != Some(view(id, 2, "two")) {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "the reader still holds version 1 after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // A write through the reader's own connection is seen by its very next read: the
+    // invalidation comes back on that connection ahead of the write's reply.
+    for v in 3..50 {
+        let want = view(id, v, &format!("v{v}"));
+        reader.put_if_newer(&want).await.unwrap();
+        assert_eq!(reader.get(id).await.unwrap(), Some(want));
+    }
+    // Deleting the key in Redis (as an operator might) is heard too.
+    let mut raw = redis::Client::open(tests::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = format!("karmic:profile:{id}");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(profile_key_value(&view(id, 100, "set by hand")))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let t = std::time::Instant::now();
+    while reader.get(id).await.unwrap().map(|v| v.version) != Some(100) {
+        assert!(
+            t.elapsed() < Duration::from_secs(1),
+            "no invalidation heard"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}

@@ -180,6 +180,7 @@ async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
     let settings = CacheSettings {
         ttl: Duration::from_secs(300),
         timeout: Duration::from_millis(100),
+        ..CacheSettings::default()
     };
     // Connecting itself times out against the hole; the app would then run uncached.
     let connect = RedisCache::connect(&format!("redis://127.0.0.1:{port}/"), settings).await;
@@ -192,6 +193,101 @@ async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
             "{:?}",
             t.elapsed()
         );
+    }
+}
+
+fn profile(id: domain::UserId, version: i64) -> ProfileView {
+    ProfileView {
+        user_id: id,
+        display_name: format!("v{version}"),
+        bio: None,
+        avatar_url: None,
+        location: None,
+        website: None,
+        version,
+        updated_at: chrono::DateTime::from_timestamp_millis(1_790_000_000_000 + version).unwrap(),
+    }
+}
+
+/// The in-process copy in front of Redis never outlives the connection it was filled
+/// over: a Redis that restarts empty while another process writes a newer version is
+/// never answered from the old copy, and a Redis that hangs without closing its
+/// connections stops being answered from memory within the probe interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_near_cache_is_dropped_when_redis_restarts_and_bypassed_when_it_hangs() {
+    use projections::cache::{NEAR_PROBE_INTERVAL, ProfileCache};
+    let mut redis = PrivateServer::redis().await;
+    let settings = |near_entries| CacheSettings {
+        ttl: Duration::from_secs(300),
+        timeout: Duration::from_millis(100),
+        near_entries,
+    };
+    let reader = RedisCache::connect(&redis.redis_url(), settings(100))
+        .await
+        .unwrap();
+    let writer = RedisCache::connect(&redis.redis_url(), settings(0))
+        .await
+        .unwrap();
+    let id = domain::UserId::new_v7();
+    writer.put_if_newer(&profile(id, 1)).await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(reader.get(id).await.unwrap(), Some(profile(id, 1)));
+    }
+    assert!(reader.near_cache_statistics().unwrap().hits >= 2);
+
+    // Restart: Redis comes back empty and the writer (another process) stores v2.
+    redis.stop();
+    redis.start().await;
+    let t = Instant::now();
+    while writer.put_if_newer(&profile(id, 2)).await.is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "writer never reconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..20 {
+        // An error is a reconnect in progress: a miss, which reads the store.
+        if let Ok(v) = reader.get(id).await {
+            assert_eq!(
+                v,
+                Some(profile(id, 2)),
+                "served from a dead connection's copy"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(reader.get(id).await.unwrap(), Some(profile(id, 2)));
+    assert_eq!(reader.get(id).await.unwrap(), Some(profile(id, 2)));
+
+    // Hang: connections stay open, nothing answers. After the probe has noticed, reads
+    // are not served from memory any more (they fail fast and go to the store).
+    redis.pause();
+    tokio::time::sleep(NEAR_PROBE_INTERVAL * 2 + Duration::from_millis(200)).await;
+    let t = Instant::now();
+    assert!(
+        reader.get(id).await.is_err(),
+        "answered from memory while Redis hangs"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    redis.resume();
+    let t = Instant::now();
+    loop {
+        let hits = reader.near_cache_statistics().unwrap().hits;
+        if matches!(reader.get(id).await, Ok(Some(v)) if v == profile(id, 2))
+            && reader.near_cache_statistics().unwrap().hits > hits
+        {
+            break; // back in use
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "near cache never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
