@@ -373,26 +373,32 @@ async fn read_model_bench(
 ) -> String {
     let mongo_url = tests::mongodb_url();
     let redis_url = tests::redis_url();
-    let with = |redis: bool| {
+    // `near`: None = no Redis; Some(n) = Redis with an n-entry in-process copy (0 = off).
+    let with = |near: Option<usize>| {
         let (m, r) = (mongo_url.clone(), redis_url.clone());
         move |s: &mut handlers::Settings| {
             s.mongodb_url = Some(m.into());
             s.mongodb_database = format!("karmic_bench_{}", uuid::Uuid::new_v4().simple());
-            if redis {
+            if let Some(n) = near {
                 s.redis_url = Some(r.into());
+                s.redis_near_cache_entries = n;
             }
             s.db_max_connections = 32;
         }
     };
-    let cached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(true)).await);
-    let uncached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(false)).await);
+    let cached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(Some(10_000))).await);
+    let redis_only_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(Some(0))).await);
+    let uncached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(None)).await);
     let mut users = Vec::new();
+    let mut users_redis_only = Vec::new();
     let mut users_uncached = Vec::new();
     for w in 0..concurrency {
         users.push(cached_app.signed_up(&format!("rm{w}@example.com")).await);
+        users_redis_only.push(redis_only_app.signed_up(&format!("rm{w}@example.com")).await);
         users_uncached.push(uncached_app.signed_up(&format!("rm{w}@example.com")).await);
     }
     let users = Arc::new(users);
+    let users_redis_only = Arc::new(users_redis_only);
     let users_uncached = Arc::new(users_uncached);
 
     // Projection lag under a steady load: each worker sends one PUT every 50 ms.
@@ -429,12 +435,21 @@ async fn read_model_bench(
     );
 
     let mut cached_rates = Vec::new();
+    let mut redis_only_rates = Vec::new();
     let mut uncached_rates = Vec::new();
     let mut bare_rates = Vec::new();
     for run in 0..runs {
         let cached = get_rate(
             cached_app.clone(),
             users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+        )
+        .await;
+        let redis_only = get_rate(
+            redis_only_app.clone(),
+            users_redis_only.clone(),
             client.clone(),
             concurrency,
             secs,
@@ -460,9 +475,10 @@ async fn read_model_bench(
         })
         .await;
         eprintln!(
-            "run {run}: cached GET {cached:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s"
+            "run {run}: cached GET {cached:.0}/s, Redis-only GET {redis_only:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s"
         );
         cached_rates.push(cached);
+        redis_only_rates.push(redis_only);
         uncached_rates.push(uncached);
         bare_rates.push(bare);
     }
@@ -511,6 +527,7 @@ async fn read_model_bench(
     );
     eprintln!("rebuild: {n} events in {rebuild_secs:.1}s");
 
+    let redis_only = median(redis_only_rates.clone());
     let (cached, uncached, bare) = (
         median(cached_rates.clone()),
         median(uncached_rates.clone()),
@@ -530,10 +547,15 @@ async fn read_model_bench(
         lags.len()
     );
     out += &format!(
-        "| Cached `GET /profiles/{{id}}` (Redis) vs bare axum handler | {cached:.0}/s | {bare:.0}/s | {:.0}% | ≥ 50% | {} / {} |\n",
+        "| Cached `GET /profiles/{{id}}` (Redis + its in-process near cache, the default) vs bare axum handler | {cached:.0}/s | {bare:.0}/s | {:.0}% | ≥ 50% | {} / {} |\n",
         100.0 * cached / bare,
         fmt(&cached_rates),
         fmt(&bare_rates)
+    );
+    out += &format!(
+        "| Cached `GET /profiles/{{id}}`, Redis only (`KARMIC_REDIS_NEAR_CACHE_ENTRIES=0`) vs bare | {redis_only:.0}/s | {bare:.0}/s | {:.0}% | – | {} |\n",
+        100.0 * redis_only / bare,
+        fmt(&redis_only_rates)
     );
     out += &format!(
         "| Uncached `GET /profiles/{{id}}` (DocumentDB, no Redis) vs bare | {uncached:.0}/s | {bare:.0}/s | {:.0}% | – | {} |\n",
