@@ -36,7 +36,38 @@ pub trait ProfileCache: Send + Sync {
     }
     /// Forget every cached profile (after a rebuild).
     async fn clear(&self) -> Result<()>;
+
+    /// Claim, across every process sharing this cache, the loading of the cold key `id`
+    /// from the store: `Some(token)` means load it and then [`ProfileCache::release_fill`];
+    /// `None` means another process holds the claim (wait for its fill). A cache private to
+    /// one process always says load: the in-process single flight covers it.
+    async fn claim_fill(&self, _id: UserId) -> Option<String> {
+        Some(String::new())
+    }
+    /// Give up a claim made by [`ProfileCache::claim_fill`].
+    async fn release_fill(&self, _id: UserId, _token: &str) {}
+    /// Whether some process still holds a claim on `id`.
+    async fn fill_pending(&self, _id: UserId) -> bool {
+        false
+    }
 }
+
+/// How long a claim on a cold key lasts if its holder dies without releasing it.
+const FILL_CLAIM: Duration = Duration::from_secs(1);
+/// How long a reader waits for another process to fill a cold key before it reads the
+/// store itself, and how often it looks.
+const FILL_WAIT: Duration = Duration::from_millis(250);
+const FILL_POLL: Duration = Duration::from_millis(5);
+
+/// Deletes a fill claim only if it is still the caller's.
+const RELEASE_FILL: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+const FILL_PREFIX: &str = "karmic:profile-fill:";
 
 /// Cache settings.
 #[derive(Debug, Clone, Copy)]
@@ -462,6 +493,59 @@ impl ProfileCache for RedisCache {
             cursor = next;
         }
     }
+
+    /// `SET NX PX`: one process per cold key loads it; the claim expires on its own if the
+    /// holder dies. If Redis cannot be asked, load anyway (never fail a read over this).
+    async fn claim_fill(&self, id: UserId) -> Option<String> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let mut c = self.conn.clone();
+        let key = format!("{FILL_PREFIX}{id}");
+        let t = token.clone();
+        let set: Result<Option<String>> = self
+            .timed(async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(t)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(FILL_CLAIM.as_millis() as u64)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await;
+        match set {
+            Ok(None) => None,
+            Ok(Some(_)) | Err(_) => Some(token),
+        }
+    }
+
+    async fn release_fill(&self, id: UserId, token: &str) {
+        let mut c = self.conn.clone();
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(RELEASE_FILL)
+            .arg(1)
+            .arg(format!("{FILL_PREFIX}{id}"))
+            .arg(token);
+        if let Err(e) = self
+            .timed(async move { eval.query_async::<i64>(&mut c).await })
+            .await
+        {
+            tracing::debug!(error = %format!("{e:#}"), "fill claim left to expire");
+        }
+    }
+
+    async fn fill_pending(&self, id: UserId) -> bool {
+        let mut c = self.conn.clone();
+        let key = format!("{FILL_PREFIX}{id}");
+        self.timed(async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<bool>(&mut c)
+                .await
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 /// Profiles cached in this process (embedded mode), with the same TTL semantics.
@@ -573,6 +657,38 @@ impl CachedProfiles {
         }
     }
 
+    /// Read a cold key from the store and fill the cache, unless another process has
+    /// claimed that load: then wait (up to [`FILL_WAIT`]) for its fill, and read the store
+    /// only if none comes (the claimant found nothing, died, or is slow).
+    async fn load_cold(&self, id: UserId) -> Result<Option<ProfileView>> {
+        let claim = self.cache.claim_fill(id).await;
+        if claim.is_none() {
+            let deadline = Instant::now() + FILL_WAIT;
+            loop {
+                tokio::time::sleep(FILL_POLL).await;
+                if let Some(v) = self.cached(id).await {
+                    return Ok(Some(v));
+                }
+                if Instant::now() >= deadline || !self.cache.fill_pending(id).await {
+                    break;
+                }
+            }
+            if let Some(v) = self.cached(id).await {
+                return Ok(Some(v));
+            }
+        }
+        let loaded = self.store.get(id).await;
+        if let Ok(Some(v)) = &loaded
+            && let Err(e) = self.cache.put_if_newer(v).await
+        {
+            tracing::warn!(error = %format!("{e:#}"), "could not fill the profile cache");
+        }
+        if let Some(token) = claim {
+            self.cache.release_fill(id, &token).await;
+        }
+        loaded
+    }
+
     async fn cached(&self, id: UserId) -> Option<ProfileView> {
         match self.cache.get(id).await {
             Ok(v) => v,
@@ -595,20 +711,15 @@ impl ProfileStore for CachedProfiles {
         if let Some(v) = self.cached(id).await {
             return Ok(Some(v));
         }
-        // One loader per key; the others wait for it and then find the cache warm.
+        // One loader per key in this process; the others wait for it and then find the
+        // cache warm. Across processes, one claim per key (see `load_cold`).
         let lock = self.key_lock(id)?;
         let result = async {
             let _g = lock.lock().await;
             if let Some(v) = self.cached(id).await {
                 return Ok(Some(v));
             }
-            let v = self.store.get(id).await?;
-            if let Some(v) = &v
-                && let Err(e) = self.cache.put_if_newer(v).await
-            {
-                tracing::warn!(error = %format!("{e:#}"), "could not fill the profile cache");
-            }
-            Ok(v)
+            self.load_cold(id).await
         }
         .await;
         self.forget_key_lock(id, &lock);

@@ -370,6 +370,82 @@ async fn a_cold_key_is_loaded_once_however_many_readers_miss_it() {
     }
 }
 
+/// Several processes (own Redis connections, own in-process single flight) miss the same
+/// cold key together: the store is read once, through the claim in Redis. A claimant that
+/// dies without filling costs the others no more than the wait, not a failed read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cold_key_is_loaded_once_across_processes_and_a_dead_claimant_costs_only_the_wait() {
+    let redis = PrivateServer::redis().await;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let inner: Arc<dyn ProfileStore> = Arc::new(projections::read_models::SqlProfiles::new(
+        projections::ReadModels::new(&db.connect().await),
+    ));
+    let (hot, orphan) = (domain::UserId::new_v7(), domain::UserId::new_v7());
+    inner.upsert(&profile(hot, 1)).await.unwrap();
+    inner.upsert(&profile(orphan, 1)).await.unwrap();
+    let counting = Arc::new(CountingStore {
+        inner: inner.clone(),
+        gets: AtomicUsize::new(0),
+    });
+    let mut processes = Vec::new();
+    for near_entries in [0, 0, 100, 100] {
+        let cache = RedisCache::connect(
+            &redis.redis_url(),
+            CacheSettings {
+                near_entries,
+                ..CacheSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+        processes.push(Arc::new(CachedProfiles::new(
+            counting.clone(),
+            Arc::new(cache),
+        )));
+    }
+    let mut tasks = Vec::new();
+    for p in &processes {
+        for _ in 0..20 {
+            let p = p.clone();
+            tasks.push(tokio::spawn(async move { p.get(hot).await.unwrap() }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Some(profile(hot, 1)));
+    }
+    assert_eq!(
+        counting.gets.load(Ordering::SeqCst),
+        1,
+        "the store was read more than once for one cold key"
+    );
+
+    // A claim whose holder died before filling: the reader waits it out, then reads.
+    let mut raw = redis::Client::open(redis.redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("karmic:profile-fill:{orphan}"))
+        .arg("dead process")
+        .arg("PX")
+        .arg(5000)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(
+        processes[0].get(orphan).await.unwrap(),
+        Some(profile(orphan, 1))
+    );
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(200) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+    assert_eq!(counting.gets.load(Ordering::SeqCst), 2);
+}
+
 /// A store that dies after a number of writes: the projector crashing mid-batch.
 struct CrashingStore {
     inner: Arc<dyn ProfileStore>,

@@ -394,7 +394,11 @@ async fn read_model_bench(
     let mut users_uncached = Vec::new();
     for w in 0..concurrency {
         users.push(cached_app.signed_up(&format!("rm{w}@example.com")).await);
-        users_redis_only.push(redis_only_app.signed_up(&format!("rm{w}@example.com")).await);
+        users_redis_only.push(
+            redis_only_app
+                .signed_up(&format!("rm{w}@example.com"))
+                .await,
+        );
         users_uncached.push(uncached_app.signed_up(&format!("rm{w}@example.com")).await);
     }
     let users = Arc::new(users);
