@@ -131,6 +131,11 @@ pub struct RedisCache {
 /// How often a process with an in-process copy checks that Redis still answers and, if
 /// tracking was lost, turns it back on.
 pub const NEAR_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// How long a probe's answer vouches for the copy. Redis answers in order, so when the
+/// probe's reply arrives every invalidation Redis pushed before it has been applied; past
+/// this lease (a hung Redis, a starved or frozen process such as a Lambda between
+/// invocations) reads go to Redis until the next answer.
+pub const NEAR_LEASE: Duration = Duration::from_millis(750);
 
 /// Counters of the in-process copy, for tests and operators.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -162,6 +167,8 @@ struct NearState {
     cleared_at: u64,
     /// Connections lost so far; tracking turned on before the latest loss does not count.
     disconnects: u64,
+    /// When Redis last answered a probe on the tracked connection.
+    confirmed_at: Option<Instant>,
     stats: NearStats,
 }
 
@@ -178,9 +185,14 @@ impl Near {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The copy may answer: tracking is on and a recent probe vouches for it.
+    fn usable(s: &NearState) -> bool {
+        s.live && s.confirmed_at.is_some_and(|at| at.elapsed() < NEAR_LEASE)
+    }
+
     fn get(&self, id: UserId) -> Option<ProfileView> {
         let mut s = self.lock();
-        if !s.live {
+        if !Near::usable(&s) {
             return None;
         }
         match s.entries.get(&id) {
@@ -199,12 +211,12 @@ impl Near {
     /// Taken before reading Redis; `None` while the copy is off.
     fn ticket(&self) -> Option<u64> {
         let s = self.lock();
-        s.live.then_some(s.clock)
+        Near::usable(&s).then_some(s.clock)
     }
 
     fn fill(&self, ticket: u64, view: &ProfileView) {
         let mut s = self.lock();
-        if !s.live
+        if !Near::usable(&s)
             || s.cleared_at > ticket
             || s.invalidated_at
                 .get(&view.user_id)
@@ -264,11 +276,20 @@ impl Near {
         if !s.live {
             Near::clear(&mut s, true);
         }
+        s.confirmed_at = Some(Instant::now());
         true
     }
 
     fn is_live(&self) -> bool {
         self.lock().live
+    }
+
+    /// A probe answered on the tracked connection.
+    fn confirm(&self) {
+        let mut s = self.lock();
+        if s.live {
+            s.confirmed_at = Some(Instant::now());
+        }
     }
 
     /// Everything the connection pushes: invalidations and the driver's disconnect notice.
@@ -330,7 +351,14 @@ impl RedisCache {
         )
         .await
         .context("connecting to Redis timed out")?
-        .context("connecting to Redis")?;
+        .with_context(|| {
+            if near.is_some() {
+                "connecting to Redis with RESP3 (the near cache needs Redis 6 or later; \
+                 KARMIC_REDIS_NEAR_CACHE_ENTRIES=0 turns it off)"
+            } else {
+                "connecting to Redis"
+            }
+        })?;
         if let Some(near) = &near {
             probe_once(&mut conn.clone(), near, settings.timeout).await;
             tokio::spawn(probe(conn.clone(), Arc::downgrade(near), settings.timeout));
@@ -376,6 +404,7 @@ async fn probe_once(conn: &mut ConnectionManager, near: &Near, timeout: Duration
         return;
     }
     if near.is_live() {
+        near.confirm();
         return;
     }
     let before = near.disconnects();

@@ -276,15 +276,7 @@ pub async fn rebuild_users(
     }
     let all: Vec<UserView> = users.values().cloned().collect();
     read_models.write_rebuilt_users(&all).await?;
-    let Some(lock) = projector
-        .checkpoints()
-        .lock(NAME, Duration::from_secs(30))
-        .await?
-    else {
-        bail!("could not take over the {NAME} projection (another driver holds it)");
-    };
-    let result = async {
-        wait_for_horizon(&*feed).await?;
+    switch_over(projector, NAME, async {
         let mut touched = BTreeSet::new();
         loop {
             let batch = feed.read_after(at, 1000).await?;
@@ -300,29 +292,48 @@ pub async fn rebuild_users(
             .collect();
         read_models.write_rebuilt_users(&tail).await?;
         read_models.finish_users_rebuild().await?;
+        Ok(at)
+    })
+    .await?;
+    Ok(done)
+}
+
+/// The end of a rebuild: with the live projector of `name` held off (its lock), and once
+/// the feed can show everything committed so far, run `finish` (apply the tail, switch
+/// reads), then save the position it returns as the checkpoint. `finish` is an unstarted
+/// future, so nothing of it runs before the lock is held.
+async fn switch_over(
+    projector: &Projector,
+    name: &str,
+    finish: impl std::future::Future<Output = Result<Position>>,
+) -> Result<()> {
+    let Some(lock) = projector
+        .checkpoints()
+        .lock(name, Duration::from_secs(30))
+        .await?
+    else {
+        bail!("could not take over the {name} projection (another driver holds it)");
+    };
+    let result = async {
+        let feed = projector.feed();
+        if let Some(horizon) = feed.horizon().await? {
+            for _ in 0..500 {
+                if feed.is_visible(horizon).await? {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        let at = finish.await?;
         projector
             .checkpoints()
-            .save(NAME, at)
+            .save(name, at)
             .await
             .context("saving the checkpoint")
     }
     .await;
     lock.release().await;
-    result?;
-    Ok(done)
-}
-
-/// Wait (a few seconds at most) until the feed can show everything committed so far.
-async fn wait_for_horizon(feed: &dyn EventFeed) -> Result<()> {
-    if let Some(horizon) = feed.horizon().await? {
-        for _ in 0..500 {
-            if feed.is_visible(horizon).await? {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(())
+    result
 }
 
 /// How many distinct profiles a rebuild folds in memory before writing them.
@@ -371,15 +382,7 @@ pub async fn rebuild_profiles(
     let views: Vec<ProfileView> = std::mem::take(&mut pending).into_values().collect();
     target.store.upsert_many(&views).await?;
     // The tail, the switch and the checkpoint happen while the live projector is held off.
-    let Some(lock) = projector
-        .checkpoints()
-        .lock(NAME, Duration::from_secs(30))
-        .await?
-    else {
-        bail!("could not take over the {NAME} projection (another driver holds it)");
-    };
-    let result = async {
-        wait_for_horizon(&*feed).await?;
+    switch_over(projector, NAME, async {
         loop {
             let batch = feed.read_after(at, 1000).await?;
             let Some(last) = batch.last() else { break };
@@ -389,14 +392,8 @@ pub async fn rebuild_profiles(
             progress(done, done);
         }
         store.finish_rebuild(target).await?;
-        projector
-            .checkpoints()
-            .save(NAME, at)
-            .await
-            .context("saving the checkpoint")
-    }
-    .await;
-    lock.release().await;
-    result?;
+        Ok(at)
+    })
+    .await?;
     Ok(done)
 }
