@@ -24,6 +24,19 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
         .unwrap_or(d)
 }
 
+/// This process's resident memory in MiB (Linux), printed after each phase so that a
+/// phase that grows memory shows up.
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -134,7 +147,10 @@ async fn main() {
             }
         })
         .await;
-        eprintln!("run {run}: PUT {put:.0}/s, INSERT {insert:.0}/s");
+        eprintln!(
+            "run {run}: PUT {put:.0}/s, INSERT {insert:.0}/s (RSS {:.0} MiB)",
+            rss_mib()
+        );
         put_rates.push(put);
         insert_rates.push(insert);
     }
@@ -170,7 +186,10 @@ async fn main() {
             }
         })
         .await;
-        eprintln!("run {run}: PUT without read-your-writes wait {put:.0}/s");
+        eprintln!(
+            "run {run}: PUT without read-your-writes wait {put:.0}/s (RSS {:.0} MiB)",
+            rss_mib()
+        );
         bg_rates.push(put);
     }
     drop(background);
@@ -221,7 +240,10 @@ async fn main() {
             secs,
         )
         .await;
-        eprintln!("run {run}: embedded GET {emb:.0}/s");
+        eprintln!(
+            "run {run}: embedded GET {emb:.0}/s (RSS {:.0} MiB)",
+            rss_mib()
+        );
         embedded_rates.push(emb);
         let (c, u, a) = (client.clone(), users.clone(), app.clone());
         let get = rate(concurrency, secs, move |w, _| {
@@ -251,7 +273,10 @@ async fn main() {
             }
         })
         .await;
-        eprintln!("run {run}: GET {get:.0}/s, bare {bare:.0}/s");
+        eprintln!(
+            "run {run}: GET {get:.0}/s, bare {bare:.0}/s (RSS {:.0} MiB)",
+            rss_mib()
+        );
         get_rates.push(get);
         bare_rates.push(bare);
     }
@@ -274,7 +299,7 @@ async fn main() {
             }
         })
         .await;
-        eprintln!("run {run}: register {reg:.1}/s");
+        eprintln!("run {run}: register {reg:.1}/s (RSS {:.0} MiB)", rss_mib());
         reg_rates.push(reg);
     }
 
@@ -529,7 +554,10 @@ async fn read_model_bench(
         "rebuild produced differences: {}",
         diffs.len()
     );
-    eprintln!("rebuild: {n} events in {rebuild_secs:.1}s");
+    eprintln!(
+        "rebuild: {n} events in {rebuild_secs:.1}s (RSS {:.0} MiB)",
+        rss_mib()
+    );
 
     let redis_only = median(redis_only_rates.clone());
     let (cached, uncached, bare) = (
