@@ -737,8 +737,15 @@ impl ProfileStore for CachedProfiles {
         if self.dirty_len.load(Ordering::Acquire) > 0 && self.dirty()?.contains_key(&id) {
             return self.store.get(id).await;
         }
-        if let Some(v) = self.cached(id).await {
-            return Ok(Some(v));
+        match self.cache.get(id).await {
+            Ok(Some(v)) => return Ok(Some(v)),
+            Ok(None) => {}
+            Err(e) => {
+                // The cache is down or slow: this read has had its one timeout's worth of
+                // waiting; no claim, no fill, straight to the store.
+                tracing::warn!(error = %format!("{e:#}"), "profile cache unavailable; reading the store");
+                return self.store.get(id).await;
+            }
         }
         // One loader per key in this process; the others wait for it and then find the
         // cache warm. Across processes, one claim per key (see `load_cold`).

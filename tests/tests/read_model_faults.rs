@@ -162,37 +162,58 @@ async fn redis_down_reads_come_from_documentdb_within_the_timeout() {
     no_differences(&app).await;
 }
 
-/// A Redis that accepts connections and never answers: requests still finish promptly.
+/// A Redis that keeps its connections open and never answers (SIGSTOP): every read still
+/// finishes within about one Redis timeout plus the store's own time, cold keys and warm
+/// ones, with the near cache on or off; after SIGCONT reads go on answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
-    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = hole.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = hole.accept().await {
-            held.push(s); // never read, never write
-        }
-    });
+    let redis = PrivateServer::redis().await;
     let db = TestDb::new(Backend::Sqlite).await;
-    let store = Arc::new(projections::read_models::SqlProfiles::new(
+    let store: Arc<dyn ProfileStore> = Arc::new(projections::read_models::SqlProfiles::new(
         projections::ReadModels::new(&db.connect().await),
     ));
-    let settings = CacheSettings {
-        ttl: Duration::from_secs(300),
-        timeout: Duration::from_millis(100),
-        ..CacheSettings::default()
-    };
-    // Connecting itself times out against the hole; the app would then run uncached.
-    let connect = RedisCache::connect(&format!("redis://127.0.0.1:{port}/"), settings).await;
-    if let Ok(cache) = connect {
-        let cached = CachedProfiles::new(store.clone(), Arc::new(cache));
-        let t = Instant::now();
-        assert_eq!(cached.get(domain::UserId::new_v7()).await.unwrap(), None);
-        assert!(
-            t.elapsed() < Duration::from_millis(800),
-            "{:?}",
-            t.elapsed()
-        );
+    let timeout = Duration::from_millis(100);
+    let ids: Vec<domain::UserId> = (0..4).map(|_| domain::UserId::new_v7()).collect();
+    for id in &ids {
+        store.upsert(&profile(*id, 3)).await.unwrap();
+    }
+    let mut readers = Vec::new();
+    for near_entries in [0, 100] {
+        let cache = RedisCache::connect(
+            &redis.redis_url(),
+            CacheSettings {
+                ttl: Duration::from_secs(300),
+                timeout,
+                near_entries,
+            },
+        )
+        .await
+        .unwrap();
+        readers.push(CachedProfiles::new(store.clone(), Arc::new(cache)));
+    }
+    // Warm two of the four keys.
+    for r in &readers {
+        for id in &ids[..2] {
+            assert_eq!(r.get(*id).await.unwrap(), Some(profile(*id, 3)));
+        }
+    }
+    redis.pause();
+    for r in &readers {
+        for id in &ids {
+            let t = Instant::now();
+            assert_eq!(r.get(*id).await.unwrap(), Some(profile(*id, 3)));
+            assert!(
+                t.elapsed() < timeout + Duration::from_millis(100),
+                "a read took {:?} with Redis hung (timeout {timeout:?})",
+                t.elapsed()
+            );
+        }
+    }
+    redis.resume();
+    for r in &readers {
+        for id in &ids {
+            assert_eq!(r.get(*id).await.unwrap(), Some(profile(*id, 3)));
+        }
     }
 }
 
