@@ -3,7 +3,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use anyhow::Context;
 use argon2::password_hash::{PasswordHasher as _, PasswordVerifier as _};
 use argon2::{Algorithm, Argon2, Params, Version};
 use domain::{Password, PasswordHash};
@@ -32,18 +31,69 @@ impl Default for HashingParams {
 /// Hashes and verifies passwords. Verification of an unknown account runs against a dummy
 /// hash of the same cost, so a wrong email and a wrong password take the same time.
 ///
-/// At most one Argon2 computation per CPU runs at a time; the others queue. Hashing is
-/// CPU-bound, so this costs no throughput, and it bounds memory: each computation holds
-/// `memory_kib` (19 MiB by default), and without the bound a burst of 100 logins asked
-/// for 1.9 GiB at once and the allocator kept much of it (the benchmark process grew to
-/// 3 GiB during its registration phase).
+/// Argon2 runs on a few threads of its own, one per CPU; requests queue for them. Hashing
+/// is CPU-bound, so this costs no throughput, and it bounds memory: each computation holds
+/// `memory_kib` (19 MiB by default). On tokio's blocking pool a burst of logins ran them
+/// all at once, each on whichever pool thread was free, and the allocator kept a freed
+/// block per thread: the benchmark process grew from 0.1 to 3 GiB during its registration
+/// phase (0.9 GiB with a semaphore on the blocking pool; see docs/benchmarks.md).
 #[derive(Clone)]
 pub struct PasswordHasher {
     params: HashingParams,
     dummy: Arc<OnceLock<String>>,
-    permits: Arc<tokio::sync::Semaphore>,
-    allowed: usize,
+    pool: Arc<HashPool>,
     gauge: Arc<Gauge>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The hashing threads. They end when the last [`PasswordHasher`] clone is dropped.
+struct HashPool {
+    jobs: std::sync::mpsc::Sender<Job>,
+    threads: usize,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> Result<HashPool, StoreError> {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        // The lock is held only while taking a job, not while running it.
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        match job {
+                            // A panicking job must not take the thread with it.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .map_err(|e| StoreError::msg(format!("starting a hashing thread: {e}")))?;
+        }
+        Ok(HashPool { jobs: tx, threads })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|_| StoreError::msg("hashing threads are gone"))?;
+        rx.await.map_err(|_| StoreError::msg("a hashing job died"))
+    }
 }
 
 /// Computations in flight and the most seen at once.
@@ -84,8 +134,7 @@ impl PasswordHasher {
         Ok(PasswordHasher {
             params,
             dummy: Arc::new(OnceLock::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(allowed)),
-            allowed,
+            pool: Arc::new(HashPool::new(allowed)?),
             gauge: Arc::default(),
         })
     }
@@ -96,28 +145,16 @@ impl PasswordHasher {
 
     /// How many Argon2 computations may run at once, and the most that have.
     pub fn concurrency(&self) -> (usize, usize) {
-        (self.allowed, self.gauge.peak.load(Ordering::SeqCst))
+        (self.pool.threads, self.gauge.peak.load(Ordering::SeqCst))
     }
 
-    /// Run `f` on the blocking pool once a hashing permit is free.
+    /// Run `f` on a hashing thread.
     async fn limited<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .context("password hashing permits closed")?;
         let gauge = self.gauge.clone();
-        let out = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            gauge.run(f)
-        })
-        .await
-        .context("password hashing task")??;
-        Ok(out)
+        self.pool.run(move || gauge.run(f)).await?
     }
 
     fn argon2(params: HashingParams) -> Result<Argon2<'static>, StoreError> {
