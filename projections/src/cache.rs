@@ -5,8 +5,8 @@
 //! * Every write to the cache is guarded by the profile's version: an entry is only ever
 //!   replaced by a newer one. The projection refreshes the entry right after it writes the
 //!   store, and a reader filling a miss cannot put back an older value than that.
-//! * A cold key is loaded once per process however many readers miss it together
-//!   (stampede protection).
+//! * A cold key is loaded once however many readers miss it together: once per process
+//!   (single flight), and once across processes sharing Redis (a claim in Redis).
 //! * Redis calls time out quickly; a slow or dead Redis turns into cache misses.
 
 use std::collections::HashMap;
@@ -19,6 +19,53 @@ use domain::UserId;
 use redis::aio::ConnectionManager;
 
 use crate::read_models::{ProfileStore, ProfileView, RebuildTarget};
+
+/// Profiles in memory, each for a TTL, at most `capacity` of them: when full, expired
+/// entries go first and then everything (a cache, not a store). Shared by the embedded
+/// cache and the near copy in front of Redis.
+struct TtlMap {
+    ttl: Duration,
+    capacity: usize,
+    map: HashMap<UserId, (ProfileView, Instant)>,
+}
+
+impl TtlMap {
+    fn new(ttl: Duration, capacity: usize) -> TtlMap {
+        TtlMap {
+            ttl,
+            capacity,
+            map: HashMap::new(),
+        }
+    }
+
+    /// The unexpired entry for `id`; an expired one is dropped on the way.
+    fn fresh(&mut self, id: UserId) -> Option<&ProfileView> {
+        if self.map.get(&id).is_some_and(|(_, e)| *e <= Instant::now()) {
+            self.map.remove(&id);
+        }
+        self.map.get(&id).map(|(v, _)| v)
+    }
+
+    fn insert(&mut self, view: &ProfileView) {
+        let now = Instant::now();
+        if self.map.len() >= self.capacity {
+            self.map.retain(|_, (_, e)| *e > now);
+            if self.map.len() >= self.capacity {
+                self.map.clear();
+            }
+        }
+        self.map
+            .insert(view.user_id, (view.clone(), now + self.ttl));
+    }
+
+    fn remove(&mut self, id: UserId) {
+        self.map.remove(&id);
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+    }
+}
 
 /// Where cached profiles live.
 #[async_trait::async_trait]
@@ -153,15 +200,13 @@ pub struct NearStats {
 /// everything, was invalidated since.
 pub struct Near {
     capacity: usize,
-    ttl: Duration,
     state: Mutex<NearState>,
 }
 
-#[derive(Default)]
 struct NearState {
     /// Redis tracks keys for the current connection and answers: the copy may be used.
     live: bool,
-    entries: HashMap<UserId, (ProfileView, Instant)>,
+    entries: TtlMap,
     clock: u64,
     invalidated_at: HashMap<UserId, u64>,
     cleared_at: u64,
@@ -176,8 +221,16 @@ impl Near {
     fn new(capacity: usize, ttl: Duration) -> Near {
         Near {
             capacity,
-            ttl,
-            state: Mutex::new(NearState::default()),
+            state: Mutex::new(NearState {
+                live: false,
+                entries: TtlMap::new(ttl, capacity),
+                clock: 0,
+                invalidated_at: HashMap::new(),
+                cleared_at: 0,
+                disconnects: 0,
+                confirmed_at: None,
+                stats: NearStats::default(),
+            }),
         }
     }
 
@@ -195,17 +248,12 @@ impl Near {
         if !Near::usable(&s) {
             return None;
         }
-        match s.entries.get(&id) {
-            Some((v, expires)) if *expires > Instant::now() => {
-                let v = v.clone();
-                s.stats.hits += 1;
-                Some(v)
-            }
-            _ => {
-                s.stats.misses += 1;
-                None
-            }
+        let found = s.entries.fresh(id).cloned();
+        match found {
+            Some(_) => s.stats.hits += 1,
+            None => s.stats.misses += 1,
         }
+        found
     }
 
     /// Taken before reading Redis; `None` while the copy is off.
@@ -224,15 +272,7 @@ impl Near {
         {
             return;
         }
-        let now = Instant::now();
-        if s.entries.len() >= self.capacity {
-            s.entries.retain(|_, (_, e)| *e > now);
-            if s.entries.len() >= self.capacity {
-                s.entries.clear();
-            }
-        }
-        s.entries
-            .insert(view.user_id, (view.clone(), now + self.ttl));
+        s.entries.insert(view);
     }
 
     fn invalidate(&self, ids: impl IntoIterator<Item = UserId>) {
@@ -240,7 +280,7 @@ impl Near {
         s.clock += 1;
         let now = s.clock;
         for id in ids {
-            s.entries.remove(&id);
+            s.entries.remove(id);
             s.invalidated_at.insert(id, now);
             s.stats.invalidations += 1;
         }
@@ -579,21 +619,17 @@ impl ProfileCache for RedisCache {
 
 /// Profiles cached in this process (embedded mode), with the same TTL semantics.
 pub struct LocalCache {
-    ttl: Duration,
-    max_entries: usize,
-    map: Mutex<HashMap<UserId, (ProfileView, Instant)>>,
+    map: Mutex<TtlMap>,
 }
 
 impl LocalCache {
     pub fn new(ttl: Duration, max_entries: usize) -> Self {
         LocalCache {
-            ttl,
-            max_entries,
-            map: Mutex::new(HashMap::new()),
+            map: Mutex::new(TtlMap::new(ttl, max_entries)),
         }
     }
 
-    fn lock(&self) -> Result<std::sync::MutexGuard<'_, HashMap<UserId, (ProfileView, Instant)>>> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, TtlMap>> {
         self.map
             .lock()
             .map_err(|_| anyhow::anyhow!("local cache poisoned"))
@@ -603,33 +639,18 @@ impl LocalCache {
 #[async_trait::async_trait]
 impl ProfileCache for LocalCache {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>> {
-        let mut map = self.lock()?;
-        match map.get(&id) {
-            Some((v, expires)) if *expires > Instant::now() => Ok(Some(v.clone())),
-            Some(_) => {
-                map.remove(&id);
-                Ok(None)
-            }
-            None => Ok(None),
-        }
+        Ok(self.lock()?.fresh(id).cloned())
     }
 
     async fn put_if_newer(&self, view: &ProfileView) -> Result<()> {
         let mut map = self.lock()?;
-        let now = Instant::now();
-        if let Some((cur, expires)) = map.get(&view.user_id)
-            && *expires > now
-            && cur.version >= view.version
+        if map
+            .fresh(view.user_id)
+            .is_some_and(|cur| cur.version >= view.version)
         {
             return Ok(());
         }
-        if map.len() >= self.max_entries {
-            map.retain(|_, (_, e)| *e > now);
-            if map.len() >= self.max_entries {
-                map.clear();
-            }
-        }
-        map.insert(view.user_id, (view.clone(), now + self.ttl));
+        map.insert(view);
         Ok(())
     }
 
