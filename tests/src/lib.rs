@@ -120,23 +120,14 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         if let Some(name) = self.pg_name.take() {
             let admin = postgres_admin_url();
-            // Drop needs async I/O: do it on a thread with its own runtime.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async move {
-                    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                        let _ =
-                            sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                                .execute(&pool)
-                                .await;
-                        pool.close().await;
-                    }
-                });
-            })
-            .join();
+            block_on_a_thread(async move {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                    pool.close().await;
+                }
+            });
         }
     }
 }
@@ -194,19 +185,48 @@ impl Default for TestMongo {
 impl Drop for TestMongo {
     fn drop(&mut self) {
         let (url, name) = (self.url.clone(), self.database.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok(c) = mongodb::Client::with_uri_str(&url).await {
-                    let _ = c.database(&name).drop().await;
-                }
-            });
-        })
-        .join();
+        block_on_a_thread(async move {
+            if let Ok(c) = mongodb::Client::with_uri_str(&url).await {
+                let _ = c.database(&name).drop().await;
+            }
+        });
     }
+}
+
+/// Commit a profile update straight to the event store: no after-commit hook runs, no
+/// projector sees it (a process that died between its commit and its projection).
+pub async fn commit_behind_the_projectors_back(store: &Database, profile_id: &str, name: &str) {
+    let fields = domain::ProfileFields {
+        display_name: domain::DisplayName::parse(name).unwrap(),
+        bio: None,
+        avatar_url: None,
+        location: None,
+        website: None,
+    };
+    store
+        .aggregates::<domain::Profile>()
+        .execute(
+            profile_id,
+            domain::ProfileCommand::Update(fields),
+            &(),
+            None,
+            &commands::CommandMeta::system("test"),
+        )
+        .await
+        .unwrap();
+}
+
+/// Run async clean-up from `Drop`: on a thread of its own with its own runtime, so it
+/// works whether or not the dropping thread is inside a runtime.
+fn block_on_a_thread(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(cleanup);
+    })
+    .join();
 }
 
 pub const TEST_JWT_SECRET: &str = "test-secret-test-secret-test-secret-0123456789";

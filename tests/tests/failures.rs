@@ -5,8 +5,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use commands::{CommandMeta, Position};
-use domain::{DisplayName, ProfileCommand, ProfileFields, UserId};
+use commands::Position;
+use domain::UserId;
 use serde_json::{Value, json};
 use tests::{Backend, PASSWORD, TestApp, TestDb, karmic_binary, on_both_backends};
 
@@ -153,24 +153,7 @@ async fn events_committed_behind_the_projectors_back_are_caught_up(backend: Back
     let (id, token) = app.signed_up("ann@example.com").await;
     let uid = UserId::parse(&id).unwrap();
     // Commit straight to the event store: no after-commit hook runs.
-    let profiles = app.store.aggregates::<domain::Profile>();
-    let fields = ProfileFields {
-        display_name: DisplayName::parse("Behind your back").unwrap(),
-        bio: None,
-        avatar_url: None,
-        location: None,
-        website: None,
-    };
-    profiles
-        .execute(
-            &id,
-            ProfileCommand::Update(fields),
-            &(),
-            None,
-            &CommandMeta::system("test"),
-        )
-        .await
-        .unwrap();
+    tests::commit_behind_the_projectors_back(&app.store, &id, "Behind your back").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = app.get(&format!("/profiles/{id}"), &token).await;
@@ -191,24 +174,7 @@ async fn events_committed_behind_the_projectors_back_are_caught_up(backend: Back
     // Now with the server down: commit, start, and the read model is current at once.
     let db = app.stop().await;
     let store = db.connect().await;
-    let fields = ProfileFields {
-        display_name: DisplayName::parse("While you were out").unwrap(),
-        bio: None,
-        avatar_url: None,
-        location: None,
-        website: None,
-    };
-    store
-        .aggregates::<domain::Profile>()
-        .execute(
-            &id,
-            ProfileCommand::Update(fields),
-            &(),
-            None,
-            &CommandMeta::system("test"),
-        )
-        .await
-        .unwrap();
+    tests::commit_behind_the_projectors_back(&store, &id, "While you were out").await;
     store.close().await;
     let rt = tests::runtime(&db).await;
     rt.projector

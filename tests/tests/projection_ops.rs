@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use commands::CommandMeta;
-use domain::{DisplayName, ProfileCommand, ProfileFields};
 use projections::ops;
 use serde_json::Value;
 use tests::{Backend, TestApp, karmic_binary, on_both_backends};
@@ -32,24 +30,7 @@ async fn status_shows_checkpoint_head_and_lag(backend: Backend) {
     // Stop the app's projector and commit behind its back: the lag shows.
     let db = app.stop().await;
     let store = db.connect().await;
-    let fields = ProfileFields {
-        display_name: DisplayName::parse("Later").unwrap(),
-        bio: None,
-        avatar_url: None,
-        location: None,
-        website: None,
-    };
-    store
-        .aggregates::<domain::Profile>()
-        .execute(
-            &id,
-            ProfileCommand::Update(fields),
-            &(),
-            None,
-            &CommandMeta::system("test"),
-        )
-        .await
-        .unwrap();
+    tests::commit_behind_the_projectors_back(&store, &id, "Later").await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let rt = tests::runtime(&db).await;
     let status = ops::status(&rt.projector).await.unwrap();

@@ -316,20 +316,50 @@ async fn the_near_cache_is_dropped_when_redis_restarts_and_bypassed_when_it_hang
     }
 }
 
-/// Counts reads that reach the store.
-struct CountingStore {
+/// A store in front of a real one that counts the reads reaching it (each made slow, which
+/// widens stampede races) and can die after a number of writes (a projector crashing
+/// mid-batch).
+struct FaultyStore {
     inner: Arc<dyn ProfileStore>,
     gets: AtomicUsize,
+    slow_gets: Duration,
+    writes_left: AtomicUsize,
+}
+
+impl FaultyStore {
+    fn counting(inner: Arc<dyn ProfileStore>) -> FaultyStore {
+        FaultyStore {
+            inner,
+            gets: AtomicUsize::new(0),
+            slow_gets: Duration::from_millis(50),
+            writes_left: AtomicUsize::new(usize::MAX),
+        }
+    }
+
+    fn crashing_after(inner: Arc<dyn ProfileStore>, writes: usize) -> FaultyStore {
+        FaultyStore {
+            writes_left: AtomicUsize::new(writes),
+            slow_gets: Duration::ZERO,
+            ..FaultyStore::counting(inner)
+        }
+    }
 }
 
 #[async_trait::async_trait]
-impl ProfileStore for CountingStore {
+impl ProfileStore for FaultyStore {
     async fn get(&self, id: domain::UserId) -> anyhow::Result<Option<ProfileView>> {
         self.gets.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await; // a slow store widens the race
+        tokio::time::sleep(self.slow_gets).await;
         self.inner.get(id).await
     }
     async fn upsert(&self, v: &ProfileView) -> anyhow::Result<bool> {
+        if self
+            .writes_left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            anyhow::bail!("killed mid-batch");
+        }
         self.inner.upsert(v).await
     }
     async fn all(&self) -> anyhow::Result<Vec<ProfileView>> {
@@ -372,10 +402,7 @@ async fn a_cold_key_is_loaded_once_however_many_readers_miss_it() {
         ) as Arc<dyn projections::cache::ProfileCache>,
         Arc::new(LocalCache::new(Duration::from_secs(300), 100)),
     ] {
-        let counting = Arc::new(CountingStore {
-            inner: inner.clone(),
-            gets: AtomicUsize::new(0),
-        });
+        let counting = Arc::new(FaultyStore::counting(inner.clone()));
         let cached = Arc::new(CachedProfiles::new(counting.clone(), cache));
         let mut tasks = Vec::new();
         for _ in 0..50 {
@@ -408,10 +435,7 @@ async fn a_cold_key_is_loaded_once_across_processes_and_a_dead_claimant_costs_on
     let (hot, orphan) = (domain::UserId::new_v7(), domain::UserId::new_v7());
     inner.upsert(&profile(hot, 1)).await.unwrap();
     inner.upsert(&profile(orphan, 1)).await.unwrap();
-    let counting = Arc::new(CountingStore {
-        inner: inner.clone(),
-        gets: AtomicUsize::new(0),
-    });
+    let counting = Arc::new(FaultyStore::counting(inner.clone()));
     let mut processes = Vec::new();
     for near_entries in [0, 0, 100, 100] {
         let cache = RedisCache::connect(
@@ -471,38 +495,6 @@ async fn a_cold_key_is_loaded_once_across_processes_and_a_dead_claimant_costs_on
     assert_eq!(counting.gets.load(Ordering::SeqCst), 2);
 }
 
-/// A store that dies after a number of writes: the projector crashing mid-batch.
-struct CrashingStore {
-    inner: Arc<dyn ProfileStore>,
-    writes_left: AtomicUsize,
-}
-
-#[async_trait::async_trait]
-impl ProfileStore for CrashingStore {
-    async fn get(&self, id: domain::UserId) -> anyhow::Result<Option<ProfileView>> {
-        self.inner.get(id).await
-    }
-    async fn upsert(&self, v: &ProfileView) -> anyhow::Result<bool> {
-        if self
-            .writes_left
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_err()
-        {
-            anyhow::bail!("killed mid-batch");
-        }
-        self.inner.upsert(v).await
-    }
-    async fn all(&self) -> anyhow::Result<Vec<ProfileView>> {
-        self.inner.all().await
-    }
-    async fn begin_rebuild(&self) -> anyhow::Result<RebuildTarget> {
-        self.inner.begin_rebuild().await
-    }
-    async fn finish_rebuild(&self, t: RebuildTarget) -> anyhow::Result<()> {
-        self.inner.finish_rebuild(t).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_projector_killed_mid_batch_loses_and_doubles_nothing() {
     let mongo = PrivateServer::mongo().await;
@@ -534,10 +526,10 @@ async fn a_projector_killed_mid_batch_loses_and_doubles_nothing() {
         .save("profiles", commands::Position::START)
         .await
         .unwrap();
-    let crashing = ProfilesProjection(Arc::new(CrashingStore {
-        inner: rt.state.profile_reader.clone(),
-        writes_left: AtomicUsize::new(7),
-    }));
+    let crashing = ProfilesProjection(Arc::new(FaultyStore::crashing_after(
+        rt.state.profile_reader.clone(),
+        7,
+    )));
     let batch = feed
         .read_after(commands::Position::START, 1000)
         .await

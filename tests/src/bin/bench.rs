@@ -93,11 +93,7 @@ async fn main() {
         .unwrap();
 
     // One user per worker, each editing their own profile.
-    let mut users = Vec::new();
-    for w in 0..concurrency {
-        users.push(app.signed_up(&format!("bench{w}@example.com")).await);
-    }
-    let users = Arc::new(users);
+    let users = users_of(&app, "bench", concurrency).await;
 
     // Baseline for writes: a raw single-row INSERT into an events-shaped table.
     let pool = match &app.store {
@@ -113,20 +109,14 @@ async fn main() {
     let mut insert_rates = Vec::new();
     let seq = Arc::new(AtomicU64::new(0));
     for run in 0..runs {
-        let (c, u, a) = (client.clone(), users.clone(), app.clone());
-        let put = rate(concurrency, secs, move |w, i| {
-            let (c, u, a) = (c.clone(), u.clone(), a.clone());
-            async move {
-                let (id, token) = &u[w];
-                c.put(a.url(&format!("/profiles/{id}")))
-                    .bearer_auth(token)
-                    .json(&json!({"display_name": format!("Bench {run} {i}"), "bio": "x"}))
-                    .send()
-                    .await
-                    .map(|r| r.status() == 200)
-                    .unwrap_or(false)
-            }
-        })
+        let put = put_rate(
+            app.clone(),
+            users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+            run,
+        )
         .await;
         let (p, pl, s) = (pool.clone(), payload.clone(), seq.clone());
         let insert = rate(concurrency, secs, move |w, _| {
@@ -164,27 +154,17 @@ async fn main() {
         })
         .await,
     );
-    let mut bg_users = Vec::new();
-    for w in 0..concurrency {
-        bg_users.push(background.signed_up(&format!("bg{w}@example.com")).await);
-    }
-    let bg_users = Arc::new(bg_users);
+    let bg_users = users_of(&background, "bg", concurrency).await;
     let mut bg_rates = Vec::new();
     for run in 0..runs {
-        let (c, u, a) = (client.clone(), bg_users.clone(), background.clone());
-        let put = rate(concurrency, secs, move |w, i| {
-            let (c, u, a) = (c.clone(), u.clone(), a.clone());
-            async move {
-                let (id, token) = &u[w];
-                c.put(a.url(&format!("/profiles/{id}")))
-                    .bearer_auth(token)
-                    .json(&json!({"display_name": format!("Bench {run} {i}"), "bio": "x"}))
-                    .send()
-                    .await
-                    .map(|r| r.status() == 200)
-                    .unwrap_or(false)
-            }
-        })
+        let put = put_rate(
+            background.clone(),
+            bg_users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+            run,
+        )
         .await;
         eprintln!(
             "run {run}: PUT without read-your-writes wait {put:.0}/s (RSS {:.0} MiB)",
@@ -223,11 +203,7 @@ async fn main() {
     tokio::spawn(async move { axum::serve(listener, bare).await.unwrap() });
     // The embedded configuration (SQLite, in-process profile cache), same load.
     let embedded = Arc::new(TestApp::spawn(Backend::Sqlite).await);
-    let mut embedded_users = Vec::new();
-    for w in 0..concurrency {
-        embedded_users.push(embedded.signed_up(&format!("e{w}@example.com")).await);
-    }
-    let embedded_users = Arc::new(embedded_users);
+    let embedded_users = users_of(&embedded, "e", concurrency).await;
     let mut embedded_rates = Vec::new();
     let mut get_rates = Vec::new();
     let mut bare_rates = Vec::new();
@@ -245,34 +221,15 @@ async fn main() {
             rss_mib()
         );
         embedded_rates.push(emb);
-        let (c, u, a) = (client.clone(), users.clone(), app.clone());
-        let get = rate(concurrency, secs, move |w, _| {
-            let (c, u, a) = (c.clone(), u.clone(), a.clone());
-            async move {
-                let (id, token) = &u[w];
-                match c
-                    .get(a.url(&format!("/profiles/{id}")))
-                    .bearer_auth(token)
-                    .send()
-                    .await
-                {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
+        let get = get_rate(
+            app.clone(),
+            users.clone(),
+            client.clone(),
+            concurrency,
+            secs,
+        )
         .await;
-        let c = client.clone();
-        let bare = rate(concurrency, secs, move |_, _| {
-            let c = c.clone();
-            async move {
-                match c.get(format!("http://{bare_addr}/fixed")).send().await {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
+        let bare = bare_rate(client.clone(), bare_addr, concurrency, secs).await;
         eprintln!(
             "run {run}: GET {get:.0}/s, bare {bare:.0}/s (RSS {:.0} MiB)",
             rss_mib()
@@ -362,6 +319,59 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// `PUT /profiles/{id}` from each worker on its own profile.
+async fn put_rate(
+    app: Arc<TestApp>,
+    users: Arc<Vec<(String, String)>>,
+    client: reqwest::Client,
+    concurrency: usize,
+    secs: f64,
+    run: usize,
+) -> f64 {
+    rate(concurrency, secs, move |w, i| {
+        let (c, u, a) = (client.clone(), users.clone(), app.clone());
+        async move {
+            let (id, token) = &u[w];
+            c.put(a.url(&format!("/profiles/{id}")))
+                .bearer_auth(token)
+                .json(&json!({"display_name": format!("Bench {run} {i}"), "bio": "x"}))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+        }
+    })
+    .await
+}
+
+/// The baseline: the bare handler's fixed body.
+async fn bare_rate(
+    client: reqwest::Client,
+    bare_addr: std::net::SocketAddr,
+    concurrency: usize,
+    secs: f64,
+) -> f64 {
+    rate(concurrency, secs, move |_, _| {
+        let c = client.clone();
+        async move {
+            match c.get(format!("http://{bare_addr}/fixed")).send().await {
+                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}
+
+/// One signed-up user per worker on `app`, as (id, token).
+async fn users_of(app: &TestApp, prefix: &str, concurrency: usize) -> Arc<Vec<(String, String)>> {
+    let mut users = Vec::new();
+    for w in 0..concurrency {
+        users.push(app.signed_up(&format!("{prefix}{w}@example.com")).await);
+    }
+    Arc::new(users)
+}
+
 async fn get_rate(
     app: Arc<TestApp>,
     users: Arc<Vec<(String, String)>>,
@@ -414,21 +424,9 @@ async fn read_model_bench(
     let cached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(Some(10_000))).await);
     let redis_only_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(Some(0))).await);
     let uncached_app = Arc::new(TestApp::spawn_with(Backend::Postgres, with(None)).await);
-    let mut users = Vec::new();
-    let mut users_redis_only = Vec::new();
-    let mut users_uncached = Vec::new();
-    for w in 0..concurrency {
-        users.push(cached_app.signed_up(&format!("rm{w}@example.com")).await);
-        users_redis_only.push(
-            redis_only_app
-                .signed_up(&format!("rm{w}@example.com"))
-                .await,
-        );
-        users_uncached.push(uncached_app.signed_up(&format!("rm{w}@example.com")).await);
-    }
-    let users = Arc::new(users);
-    let users_redis_only = Arc::new(users_redis_only);
-    let users_uncached = Arc::new(users_uncached);
+    let users = users_of(&cached_app, "rm", concurrency).await;
+    let users_redis_only = users_of(&redis_only_app, "rm", concurrency).await;
+    let users_uncached = users_of(&uncached_app, "rm", concurrency).await;
 
     // Projection lag under a steady load: each worker sends one PUT every 50 ms.
     let steady_rate = concurrency as f64 * 20.0;
@@ -492,17 +490,7 @@ async fn read_model_bench(
             secs,
         )
         .await;
-        let c = client.clone();
-        let bare = rate(concurrency, secs, move |_, _| {
-            let c = c.clone();
-            async move {
-                match c.get(format!("http://{bare_addr}/fixed")).send().await {
-                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                    Err(_) => false,
-                }
-            }
-        })
-        .await;
+        let bare = bare_rate(client.clone(), bare_addr, concurrency, secs).await;
         eprintln!(
             "run {run}: cached GET {cached:.0}/s, Redis-only GET {redis_only:.0}/s, DocumentDB GET {uncached:.0}/s, bare {bare:.0}/s"
         );
