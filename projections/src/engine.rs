@@ -134,6 +134,13 @@ impl Projector {
     /// Catch up far enough to include everything committed before this call: wait (up to
     /// `wait`) until the feed can show all of it, then run a pass.
     pub async fn catch_up_through_now(&self, wait: Duration) -> Result<PassReport> {
+        self.wait_until_feed_shows_now(wait).await?;
+        self.catch_up().await
+    }
+
+    /// Wait (up to `wait`) until the feed can show everything committed before this call
+    /// (transactions still open hold the gap-safe feed back).
+    pub async fn wait_until_feed_shows_now(&self, wait: Duration) -> Result<()> {
         let feed = &self.inner.feed;
         if let Some(horizon) = feed.horizon().await? {
             let deadline = tokio::time::Instant::now() + wait;
@@ -146,7 +153,7 @@ impl Projector {
                 pause = (pause * 2).min(Duration::from_millis(20));
             }
         }
-        self.catch_up().await
+        Ok(())
     }
 
     /// Recent lags of `name` in milliseconds (time from an event's commit to its

@@ -265,27 +265,24 @@ pub async fn rebuild_users(
     let total = feed.count_after(Position::START).await?.max(0) as u64;
     let mut users: BTreeMap<String, UserView> = BTreeMap::new();
     let mut done = 0u64;
-    let mut at = Position::START;
-    loop {
-        let batch = feed.read_after(at, 1000).await?;
-        let Some(last) = batch.last() else { break };
-        at = last.position;
-        fold_users(&batch, &mut users)?;
+    let at = for_each_batch(&*feed, Position::START, |batch| {
+        fold_users(batch, &mut users)?;
         done += batch.len() as u64;
         progress(done, total.max(done));
-    }
+        Ok(())
+    })
+    .await?;
     let all: Vec<UserView> = users.values().cloned().collect();
     read_models.write_rebuilt_users(&all).await?;
     switch_over(projector, NAME, async {
         let mut touched = BTreeSet::new();
-        loop {
-            let batch = feed.read_after(at, 1000).await?;
-            let Some(last) = batch.last() else { break };
-            at = last.position;
-            touched.extend(fold_users(&batch, &mut users)?);
+        let at = for_each_batch(&*feed, at, |batch| {
+            touched.extend(fold_users(batch, &mut users)?);
             done += batch.len() as u64;
             progress(done, done);
-        }
+            Ok(())
+        })
+        .await?;
         let tail: Vec<UserView> = touched
             .iter()
             .filter_map(|id| users.get(id).cloned())
@@ -315,15 +312,9 @@ async fn switch_over(
         bail!("could not take over the {name} projection (another driver holds it)");
     };
     let result = async {
-        let feed = projector.feed();
-        if let Some(horizon) = feed.horizon().await? {
-            for _ in 0..500 {
-                if feed.is_visible(horizon).await? {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        projector
+            .wait_until_feed_shows_now(Duration::from_secs(5))
+            .await?;
         let at = finish.await?;
         projector
             .checkpoints()
