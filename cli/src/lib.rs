@@ -46,6 +46,8 @@ enum UsersCommand {
     GrantAdmin { email: String },
     /// Take the admin role from the account with this email.
     RevokeAdmin { email: String },
+    /// Deactivate the account with this email (it can no longer sign in or write).
+    Deactivate { email: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +85,9 @@ async fn projections(settings: Settings, command: ProjectionsCommand) -> Result<
             let report = rt.projector.catch_up().await?;
             for (name, n) in &report.applied {
                 writeln!(out, "{name}: applied {n} events")?;
+            }
+            for name in &report.busy {
+                writeln!(out, "{name}: busy (another driver holds its lease)")?;
             }
             if !report.failed.is_empty() {
                 anyhow::bail!("projections failed: {:?}", report.failed);
@@ -208,20 +213,22 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Users { command } => {
             let rt = Runtime::build(settings).await?;
-            let (email, grant) = match &command {
-                UsersCommand::GrantAdmin { email } => (email, true),
-                UsersCommand::RevokeAdmin { email } => (email, false),
+            let (email, what) = match &command {
+                UsersCommand::GrantAdmin { email } => (email, "grant-admin"),
+                UsersCommand::RevokeAdmin { email } => (email, "revoke-admin"),
+                UsersCommand::Deactivate { email } => (email, "deactivate"),
             };
             let email = Email::parse(email).context("not a valid email")?;
             let meta = CommandMeta::system("cli");
-            let result = if grant {
-                rt.state.accounts.grant_admin(&email, &meta).await
-            } else {
-                rt.state.accounts.revoke_admin(&email, &meta).await
+            let accounts = &rt.state.accounts;
+            let result = match &command {
+                UsersCommand::GrantAdmin { .. } => accounts.grant_admin(&email, &meta).await,
+                UsersCommand::RevokeAdmin { .. } => accounts.revoke_admin(&email, &meta).await,
+                UsersCommand::Deactivate { .. } => accounts.deactivate(&email, &meta).await,
             };
-            let user_id = result.with_context(|| format!("changing the role of {email}"))?;
+            let user_id = result.with_context(|| format!("{what} {email}"))?;
             rt.projector.catch_up().await?;
-            tracing::info!(%user_id, %email, admin = grant, "role changed");
+            tracing::info!(%user_id, %email, change = what, "account changed");
             Ok(())
         }
         Command::Projections { command } => projections(settings, command).await,

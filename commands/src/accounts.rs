@@ -1,9 +1,7 @@
 //! Accounts: registration, sign-in and roles.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use chrono::Utc;
 use domain::{
     DisplayName, Email, Password, Profile, ProfileCommand, ProfileError, Role, User, UserCommand,
     UserError, UserId,
@@ -11,13 +9,9 @@ use domain::{
 use tracing::{info, warn};
 
 use crate::error::{CommandError, StoreError};
-use crate::password::PasswordHasher;
-use crate::store::{AggregateStore, Database, Reservation};
+use crate::password::{HashError, PasswordHasher};
+use crate::store::{AggregateStore, Database};
 use crate::{AfterCommit, CommandMeta};
-
-/// A reservation older than this whose user has no events belongs to a registration that
-/// died between reserving and committing; a new registration may take it over.
-const STALE_RESERVATION: Duration = Duration::from_secs(30);
 
 /// Why a registration did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +19,29 @@ pub enum RegisterError {
     /// Another account has this email (compared case-insensitively). HTTP 409.
     #[error("an account with this email already exists")]
     EmailTaken,
+    /// Too many password computations queued. HTTP 503 with `Retry-After`.
+    #[error("too busy to register now; try again shortly")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<HashError> for RegisterError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Busy => RegisterError::Busy,
+            HashError::Store(s) => RegisterError::Store(s),
+        }
+    }
+}
+
+impl From<HashError> for LoginError {
+    fn from(e: HashError) -> Self {
+        match e {
+            HashError::Busy => LoginError::Busy,
+            HashError::Store(s) => LoginError::Store(s),
+        }
+    }
 }
 
 /// Why a sign-in failed. Deliberately one variant: the caller must not learn whether the
@@ -35,6 +50,9 @@ pub enum RegisterError {
 pub enum LoginError {
     #[error("invalid email or password")]
     InvalidCredentials,
+    /// Too many password computations queued. HTTP 503 with `Retry-After`.
+    #[error("too busy to sign in now; try again shortly")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -98,9 +116,12 @@ impl Accounts {
 
     /// Register a new account and open its profile.
     ///
-    /// Uniqueness of the email is decided by the reservation table, not by the aggregate:
-    /// among concurrent registrations of one email exactly one reserves it. A reservation
-    /// whose registration died before committing is taken over once it is stale.
+    /// One account per email is decided by the database, atomically with the append: the
+    /// transaction that inserts `UserRegistered` also inserts the email's row (a trigger),
+    /// and the row's primary key refuses a second one. No delay, crash or lost connection
+    /// can give an email two accounts or leave an account without its email.
+    ///
+    /// The bootstrap admin email is made an admin only while no active admin exists.
     #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty), err(level = "debug"))]
     pub async fn register(
         &self,
@@ -109,13 +130,23 @@ impl Accounts {
         display_name: DisplayName,
         meta: &CommandMeta,
     ) -> Result<Registered, RegisterError> {
-        // Hash first: it is the slow part and must not widen the reservation window.
+        // A cheap early answer for the common duplicate (it spares an Argon2 hash); the
+        // append below is what decides.
+        if self.db.email_owner(&email).await?.is_some() {
+            return Err(RegisterError::EmailTaken);
+        }
         let password_hash = self.hasher.hash(&password).await?;
         let user_id = UserId::new_v7();
         tracing::Span::current().record("user_id", tracing::field::display(user_id));
-        self.reserve(&email, user_id).await?;
 
-        let grant_admin = self.bootstrap_admin.as_ref() == Some(&email);
+        let grant_admin = self.bootstrap_admin.as_ref() == Some(&email)
+            && {
+                let exists = self.db.an_active_admin_exists().await?;
+                if exists {
+                    warn!(%user_id, "the bootstrap admin email registered while an admin exists: not granted");
+                }
+                !exists
+            };
         let command = UserCommand::Register {
             user_id,
             email: email.clone(),
@@ -124,25 +155,29 @@ impl Accounts {
             grant_admin,
         };
         let meta = with_actor(meta, user_id);
-        match self
+        if let Err(e) = self
             .users
             .execute(&user_id.to_string(), command, &(), None, &meta)
             .await
         {
-            Ok(_) => {}
-            Err(e) => {
-                // Nothing was committed: give the email back.
-                if let Err(release) = self.db.release_email(&email, user_id).await {
-                    warn!(error = %release, "could not release an email reservation");
+            // Either the email's row refused the append (another account has it), or the
+            // store failed, possibly after committing (a lost COMMIT acknowledgement). The
+            // email's row, written in the same transaction, tells which.
+            match self.db.email_owner(&email).await {
+                Ok(Some(owner)) if owner == user_id => {
+                    warn!(%user_id, error = %e, "the append reported an error but committed");
                 }
-                return Err(match e {
-                    CommandError::Store(s) => RegisterError::Store(s),
-                    other => RegisterError::Store(StoreError::msg(other)),
-                });
+                Ok(Some(_)) => return Err(RegisterError::EmailTaken),
+                Ok(None) | Err(_) => {
+                    return Err(match e {
+                        CommandError::Store(s) => RegisterError::Store(s),
+                        other => RegisterError::Store(StoreError::msg(other)),
+                    });
+                }
             }
         }
         if grant_admin {
-            info!(%user_id, "bootstrap admin registered");
+            info!(%user_id, "bootstrap admin registered and granted the admin role");
         }
         // The profile provisioner projection would open the profile anyway; doing it here
         // makes it visible at once.
@@ -159,31 +194,6 @@ impl Accounts {
             display_name,
             role: if grant_admin { Role::Admin } else { Role::User },
         })
-    }
-
-    async fn reserve(&self, email: &Email, user_id: UserId) -> Result<(), RegisterError> {
-        match self.db.reserve_email(email, user_id).await? {
-            Reservation::Reserved => Ok(()),
-            Reservation::HeldBy {
-                user_id: holder,
-                reserved_at,
-            } => {
-                let age = (Utc::now() - reserved_at).to_std().unwrap_or_default();
-                if age < STALE_RESERVATION {
-                    return Err(RegisterError::EmailTaken);
-                }
-                let holder_state = self.users.load(&holder.to_string()).await?;
-                if holder_state.version > 0 {
-                    return Err(RegisterError::EmailTaken);
-                }
-                if self.db.take_over_email(email, holder, user_id).await? {
-                    warn!(%holder, "took over a stale email reservation");
-                    Ok(())
-                } else {
-                    Err(RegisterError::EmailTaken)
-                }
-            }
-        }
     }
 
     /// Open a user's profile unless it exists. Idempotent; used by registration and by the
@@ -257,6 +267,12 @@ impl Accounts {
     ) -> Result<UserId, RoleError> {
         self.change_role(email, UserCommand::RevokeAdmin, meta)
             .await
+    }
+
+    /// Deactivate the account with this email: it can no longer sign in or write, even
+    /// with a token issued before. Idempotent.
+    pub async fn deactivate(&self, email: &Email, meta: &CommandMeta) -> Result<UserId, RoleError> {
+        self.change_role(email, UserCommand::Deactivate, meta).await
     }
 
     async fn change_role(

@@ -47,14 +47,34 @@ pub struct PasswordHasher {
 
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Why a password computation did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum HashError {
+    /// The queue is full: the caller should answer "busy, retry shortly" (HTTP 503 with
+    /// `Retry-After`) rather than wait behind everyone else.
+    #[error("too many password computations queued; try again shortly")]
+    Busy,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Jobs waiting or running beyond the threads, per thread, by default.
+pub const DEFAULT_QUEUE_PER_THREAD: usize = 16;
+
 /// The hashing threads. They end when the last [`PasswordHasher`] clone is dropped.
 struct HashPool {
     jobs: std::sync::mpsc::Sender<Job>,
     threads: usize,
+    /// Jobs accepted and not yet finished (or skipped).
+    queued: Arc<AtomicUsize>,
+    /// The most `queued` may be; beyond it a job is refused at once.
+    capacity: usize,
+    /// Jobs skipped because their caller had gone by the time a thread took them.
+    skipped: Arc<AtomicUsize>,
 }
 
 impl HashPool {
-    fn new(threads: usize) -> Result<HashPool, StoreError> {
+    fn new(threads: usize, capacity: usize) -> Result<HashPool, StoreError> {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for i in 0..threads {
@@ -79,20 +99,51 @@ impl HashPool {
                 })
                 .map_err(|e| StoreError::msg(format!("starting a hashing thread: {e}")))?;
         }
-        Ok(HashPool { jobs: tx, threads })
+        Ok(HashPool {
+            jobs: tx,
+            threads,
+            queued: Arc::default(),
+            capacity: capacity.max(threads),
+            skipped: Arc::default(),
+        })
     }
 
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, HashError> {
+        // Take a place in the queue, or refuse at once when it is full.
+        let taken = self
+            .queued
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < self.capacity).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(HashError::Busy);
+        }
+        struct Place(Arc<AtomicUsize>);
+        impl Drop for Place {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let place = Place(self.queued.clone());
+        let skipped = self.skipped.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
             .send(Box::new(move || {
+                let _place = place;
+                // The caller gave up (client gone, request timed out): don't spend 19 MiB
+                // and tens of milliseconds on an answer nobody reads.
+                if tx.is_closed() {
+                    skipped.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
                 let _ = tx.send(f());
             }))
             .map_err(|_| StoreError::msg("hashing threads are gone"))?;
-        rx.await.map_err(|_| StoreError::msg("a hashing job died"))
+        rx.await
+            .map_err(|_| HashError::Store(StoreError::msg("a hashing job died")))
     }
 }
 
@@ -114,14 +165,25 @@ impl Gauge {
 }
 
 impl PasswordHasher {
-    /// One computation at a time per CPU.
+    /// One computation at a time per CPU, and [`DEFAULT_QUEUE_PER_THREAD`] jobs queued
+    /// per CPU at most.
     pub fn new(params: HashingParams) -> Result<Self, StoreError> {
         let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-        Self::with_concurrency(params, cpus)
+        Self::with_limits(params, cpus, cpus * DEFAULT_QUEUE_PER_THREAD)
     }
 
     /// At most `allowed` (at least 1) computations at a time.
     pub fn with_concurrency(params: HashingParams, allowed: usize) -> Result<Self, StoreError> {
+        Self::with_limits(params, allowed, allowed.max(1) * DEFAULT_QUEUE_PER_THREAD)
+    }
+
+    /// At most `allowed` computations at a time and `queue` accepted at once (running
+    /// ones included); more are refused with [`HashError::Busy`].
+    pub fn with_limits(
+        params: HashingParams,
+        allowed: usize,
+        queue: usize,
+    ) -> Result<Self, StoreError> {
         let allowed = allowed.max(1);
         // Fail early on impossible parameters.
         Params::new(
@@ -134,7 +196,7 @@ impl PasswordHasher {
         Ok(PasswordHasher {
             params,
             dummy: Arc::new(OnceLock::new()),
-            pool: Arc::new(HashPool::new(allowed)?),
+            pool: Arc::new(HashPool::new(allowed, queue)?),
             gauge: Arc::default(),
         })
     }
@@ -148,13 +210,19 @@ impl PasswordHasher {
         (self.pool.threads, self.gauge.peak.load(Ordering::SeqCst))
     }
 
+    /// How many jobs the queue accepts at once, and how many were skipped because their
+    /// caller had gone.
+    pub fn queue(&self) -> (usize, usize) {
+        (self.pool.capacity, self.pool.skipped.load(Ordering::SeqCst))
+    }
+
     /// Run `f` on a hashing thread.
     async fn limited<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
+    ) -> Result<T, HashError> {
         let gauge = self.gauge.clone();
-        self.pool.run(move || gauge.run(f)).await?
+        Ok(self.pool.run(move || gauge.run(f)).await??)
     }
 
     fn argon2(params: HashingParams) -> Result<Argon2<'static>, StoreError> {
@@ -177,7 +245,7 @@ impl PasswordHasher {
     }
 
     /// Hash a new password (CPU-bound; runs on the blocking pool).
-    pub async fn hash(&self, password: &Password) -> Result<PasswordHash, StoreError> {
+    pub async fn hash(&self, password: &Password) -> Result<PasswordHash, HashError> {
         let params = self.params;
         let pw = password.expose().to_owned();
         let phc = self
@@ -191,7 +259,7 @@ impl PasswordHasher {
         &self,
         password: &str,
         hash: Option<&PasswordHash>,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<bool, HashError> {
         let params = self.params;
         let real = hash.map(|h| h.as_str().to_owned());
         let dummy = self.dummy.clone();
@@ -282,6 +350,52 @@ mod tests {
         let (allowed, peak) = h.concurrency();
         assert_eq!(allowed, 2);
         assert!((1..=2).contains(&peak), "peak {peak}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_full_queue_refuses_at_once_and_abandoned_jobs_are_skipped() {
+        let h = PasswordHasher::with_limits(
+            HashingParams {
+                memory_kib: 8192,
+                iterations: 4,
+                parallelism: 1,
+            },
+            1,
+            4,
+        )
+        .unwrap();
+        let pw = Password::parse("correct horse battery").unwrap();
+        // 4 accepted (1 running, 3 waiting), the rest refused without waiting.
+        let mut tasks = Vec::new();
+        for _ in 0..4 {
+            let (h, pw) = (h.clone(), pw.clone());
+            tasks.push(tokio::spawn(async move { h.hash(&pw).await }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let started = std::time::Instant::now();
+        assert!(matches!(h.hash(&pw).await, Err(HashError::Busy)));
+        assert!(started.elapsed() < std::time::Duration::from_millis(5));
+        // Callers that leave: their queued jobs are skipped, not computed.
+        for t in &tasks[1..] {
+            t.abort();
+        }
+        let first = tasks.remove(0);
+        first.await.unwrap().unwrap();
+        for t in tasks {
+            let _ = t.await;
+        }
+        // The queue drains; the skipped jobs never ran.
+        for _ in 0..100 {
+            if h.pool.queued.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(h.pool.queued.load(Ordering::SeqCst), 0);
+        assert_eq!(h.queue().1, 3, "abandoned jobs skipped");
+        let (_, peak) = h.concurrency();
+        assert_eq!(peak, 1);
+        h.hash(&pw).await.unwrap();
     }
 
     #[tokio::test]

@@ -33,6 +33,7 @@ use crate::auth::{HmacTokens, SharedVerifier};
 use crate::config::Settings;
 use crate::problem::ApiError;
 use crate::routes;
+use crate::throttle::{LoginLimits, LoginThrottle};
 
 /// Everything a handler may use. Cheap to clone.
 #[derive(Clone)]
@@ -44,6 +45,7 @@ pub struct AppState {
     pub profile_reader: Arc<dyn ProfileStore>,
     pub tokens: Arc<HmacTokens>,
     pub verifier: SharedVerifier,
+    pub login_throttle: Arc<LoginThrottle>,
 }
 
 /// The request id (set by the request-id layer) as command metadata.
@@ -107,6 +109,10 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
     r.fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            settings.request_timeout,
+            crate::throttle::time_out,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(
             settings.body_limit_bytes,
         ))
@@ -136,14 +142,21 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))
 }
 
+/// CORS from the validated `KARMIC_CORS_ORIGINS`: a list of origins, or `*` (any origin,
+/// and then never credentials: the layer does not allow them either way).
 fn cors(settings: &Settings) -> CorsLayer {
-    let origins: Vec<HeaderValue> = settings
-        .cors_origins
-        .iter()
-        .filter_map(|o| HeaderValue::from_str(o).ok())
-        .collect();
+    let allow = if settings.cors_any_origin() {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            settings
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
+    };
     CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
+        .allow_origin(allow)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
         .allow_headers([
             header::AUTHORIZATION,
@@ -171,11 +184,18 @@ impl Runtime {
             db.migrate().await?;
         }
         let secret = jwt_secret(&settings)?;
-        let hasher = PasswordHasher::new(HashingParams {
+        let params = HashingParams {
             memory_kib: settings.argon2_memory_kib,
             iterations: settings.argon2_iterations,
             parallelism: settings.argon2_parallelism,
-        })?;
+        };
+        let hasher = match settings.hash_queue {
+            None => PasswordHasher::new(params)?,
+            Some(queue) => {
+                let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+                PasswordHasher::with_limits(params, cpus, queue)?
+            }
+        };
         let bootstrap = settings
             .bootstrap_admin_email
             .as_deref()
@@ -199,7 +219,7 @@ impl Runtime {
         ];
         let projector = Projector::new(
             db.feed(),
-            CheckpointStore::new(&db),
+            CheckpointStore::new(&db).with_lease(settings.projection_lease),
             projections,
             ProjectorSettings {
                 poll_interval: settings.projection_poll,
@@ -222,6 +242,11 @@ impl Runtime {
             verifier: tokens.clone(),
             tokens,
             db,
+            login_throttle: Arc::new(LoginThrottle::new(LoginLimits {
+                per_account: settings.login_failures_per_account,
+                per_client: settings.login_failures_per_client,
+                window: settings.login_failure_window,
+            })),
         };
         Ok(Runtime {
             settings,
@@ -381,10 +406,33 @@ impl Application {
         }));
         // Catch up at once: events committed while we were down are projected now.
         self.runtime.projector.nudge();
-        let app = self.runtime.router(Service::All);
+        let mut app = self.runtime.router(Service::All);
+        let settings = &self.runtime.settings;
+        let limiter =
+            crate::throttle::client_limiter(settings.rate_limit_per_sec, settings.rate_limit_burst);
+        let mut forget = None;
+        if let Some(limiter) = limiter {
+            app = app.layer(axum::middleware::from_fn_with_state(
+                limiter.clone(),
+                crate::throttle::limit_clients,
+            ));
+            // Forget clients that have been quiet: the table stays as small as the set
+            // of active clients.
+            forget = Some(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    limiter.retain_recent();
+                    limiter.shrink_to_fit();
+                }
+            }));
+        }
         info!(addr = %self.listener.local_addr()?, "listening");
         let mut rx_srv = rx;
-        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+        let server = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
             let _ = rx_srv.wait_for(|s| *s).await;
         });
         let trigger = tokio::spawn(async move {
@@ -394,6 +442,9 @@ impl Application {
         });
         server.await.context("serving HTTP")?;
         trigger.abort();
+        if let Some(f) = forget {
+            f.abort();
+        }
         let _ = proj_task.await;
         Ok(())
     }

@@ -40,6 +40,26 @@ pub struct Settings {
     pub argon2_parallelism: u32,
     /// How often the background projector looks for missed events.
     pub projection_poll: Duration,
+    /// How long a projection driver's lease lasts (`KARMIC_PROJECTION_LEASE_MS`, default
+    /// 5000): the longest a frozen or killed driver can hold a projection up.
+    pub projection_lease: Duration,
+    /// Password computations accepted at once, queued and running
+    /// (`KARMIC_HASH_QUEUE`, default 16 per CPU); beyond it sign-ins get 503.
+    pub hash_queue: Option<usize>,
+    /// Failed sign-ins allowed per account (`KARMIC_LOGIN_FAILURES_PER_ACCOUNT`, default
+    /// 5) and per client address (`KARMIC_LOGIN_FAILURES_PER_CLIENT`, default 20) within
+    /// `KARMIC_LOGIN_FAILURE_WINDOW_SECS` (default 300); 0 turns a limit off.
+    pub login_failures_per_account: u32,
+    pub login_failures_per_client: u32,
+    pub login_failure_window: Duration,
+    /// Requests per second per client address in `karmic serve`
+    /// (`KARMIC_RATE_LIMIT_PER_SEC`, default 10; 0: off) with a burst of
+    /// `KARMIC_RATE_LIMIT_BURST` (default 20). In AWS, API Gateway throttles.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
+    /// The longest a request may run before it is answered 503
+    /// (`KARMIC_REQUEST_TIMEOUT_MS`, default 10000).
+    pub request_timeout: Duration,
     /// Apply migrations when the server starts (`KARMIC_AUTO_MIGRATE`, default true).
     pub auto_migrate: bool,
     /// How long a command waits for the read models before answering
@@ -92,6 +112,14 @@ struct FileSettings {
     argon2_iterations: Option<u32>,
     argon2_parallelism: Option<u32>,
     projection_poll_ms: Option<u64>,
+    projection_lease_ms: Option<u64>,
+    hash_queue: Option<usize>,
+    login_failures_per_account: Option<u32>,
+    login_failures_per_client: Option<u32>,
+    login_failure_window_secs: Option<u64>,
+    rate_limit_per_sec: Option<u32>,
+    rate_limit_burst: Option<u32>,
+    request_timeout_ms: Option<u64>,
     auto_migrate: Option<bool>,
     read_your_writes_ms: Option<u64>,
     mongodb_url: Option<String>,
@@ -123,6 +151,14 @@ impl Default for Settings {
             argon2_iterations: 2,
             argon2_parallelism: 1,
             projection_poll: Duration::from_millis(500),
+            projection_lease: projections::checkpoint::DEFAULT_LEASE,
+            hash_queue: None,
+            login_failures_per_account: 5,
+            login_failures_per_client: 20,
+            login_failure_window: Duration::from_secs(300),
+            rate_limit_per_sec: 10,
+            rate_limit_burst: 20,
+            request_timeout: Duration::from_secs(10),
             auto_migrate: true,
             read_your_writes: Duration::from_secs(2),
             mongodb_url: None,
@@ -219,6 +255,30 @@ impl Settings {
         if let Some(v) = f.projection_poll_ms {
             self.projection_poll = Duration::from_millis(v);
         }
+        if let Some(v) = f.projection_lease_ms {
+            self.projection_lease = Duration::from_millis(v);
+        }
+        if let Some(v) = f.hash_queue {
+            self.hash_queue = Some(v);
+        }
+        if let Some(v) = f.login_failures_per_account {
+            self.login_failures_per_account = v;
+        }
+        if let Some(v) = f.login_failures_per_client {
+            self.login_failures_per_client = v;
+        }
+        if let Some(v) = f.login_failure_window_secs {
+            self.login_failure_window = Duration::from_secs(v);
+        }
+        if let Some(v) = f.rate_limit_per_sec {
+            self.rate_limit_per_sec = v;
+        }
+        if let Some(v) = f.rate_limit_burst {
+            self.rate_limit_burst = v;
+        }
+        if let Some(v) = f.request_timeout_ms {
+            self.request_timeout = Duration::from_millis(v);
+        }
         if let Some(v) = f.auto_migrate {
             self.auto_migrate = v;
         }
@@ -311,6 +371,31 @@ impl Settings {
         if let Some(v) = get("KARMIC_PROJECTION_POLL_MS") {
             self.projection_poll = Duration::from_millis(parse("KARMIC_PROJECTION_POLL_MS", v)?);
         }
+        if let Some(v) = get("KARMIC_PROJECTION_LEASE_MS") {
+            self.projection_lease = Duration::from_millis(parse("KARMIC_PROJECTION_LEASE_MS", v)?);
+        }
+        if let Some(v) = get("KARMIC_HASH_QUEUE") {
+            self.hash_queue = Some(parse("KARMIC_HASH_QUEUE", v)?);
+        }
+        if let Some(v) = get("KARMIC_LOGIN_FAILURES_PER_ACCOUNT") {
+            self.login_failures_per_account = parse("KARMIC_LOGIN_FAILURES_PER_ACCOUNT", v)?;
+        }
+        if let Some(v) = get("KARMIC_LOGIN_FAILURES_PER_CLIENT") {
+            self.login_failures_per_client = parse("KARMIC_LOGIN_FAILURES_PER_CLIENT", v)?;
+        }
+        if let Some(v) = get("KARMIC_LOGIN_FAILURE_WINDOW_SECS") {
+            self.login_failure_window =
+                Duration::from_secs(parse("KARMIC_LOGIN_FAILURE_WINDOW_SECS", v)?);
+        }
+        if let Some(v) = get("KARMIC_RATE_LIMIT_PER_SEC") {
+            self.rate_limit_per_sec = parse("KARMIC_RATE_LIMIT_PER_SEC", v)?;
+        }
+        if let Some(v) = get("KARMIC_RATE_LIMIT_BURST") {
+            self.rate_limit_burst = parse("KARMIC_RATE_LIMIT_BURST", v)?;
+        }
+        if let Some(v) = get("KARMIC_REQUEST_TIMEOUT_MS") {
+            self.request_timeout = Duration::from_millis(parse("KARMIC_REQUEST_TIMEOUT_MS", v)?);
+        }
         if let Some(v) = get("KARMIC_AUTO_MIGRATE") {
             self.auto_migrate = parse("KARMIC_AUTO_MIGRATE", v)?;
         }
@@ -379,10 +464,28 @@ impl Settings {
         {
             bail!("KARMIC_REDIS_URL must be a redis:// or rediss:// URL");
         }
+        if self.projection_lease < Duration::from_millis(100) {
+            bail!("KARMIC_PROJECTION_LEASE_MS must be at least 100");
+        }
+        validate_cors_origins(&self.cors_origins)?;
+        if self.request_timeout < Duration::from_millis(100) {
+            bail!("KARMIC_REQUEST_TIMEOUT_MS must be at least 100");
+        }
+        if self.hash_queue == Some(0) {
+            bail!("KARMIC_HASH_QUEUE must be at least 1");
+        }
+        if self.db_max_connections == 0 {
+            bail!("KARMIC_DB_MAX_CONNECTIONS must be at least 1");
+        }
         if self.token_ttl < Duration::from_secs(60) {
             bail!("KARMIC_TOKEN_TTL_SECS must be at least 60");
         }
         Ok(())
+    }
+
+    /// Does CORS allow any origin (`KARMIC_CORS_ORIGINS=*`)? Never with credentials.
+    pub fn cors_any_origin(&self) -> bool {
+        self.cors_origins.iter().any(|o| o == "*")
     }
 
     /// Is this the embedded (single-process, local files) configuration?
@@ -416,6 +519,31 @@ impl Settings {
             self.cors_origins
         )
     }
+}
+
+/// `*` alone, or origins exactly as browsers send them (`scheme://host[:port]`, no path,
+/// no trailing slash). Anything else is refused at start-up rather than silently ignored.
+fn validate_cors_origins(origins: &[String]) -> Result<()> {
+    if origins.iter().any(|o| o == "*") {
+        if origins.len() > 1 {
+            bail!(
+                "KARMIC_CORS_ORIGINS: `*` allows every origin and cannot be combined with others"
+            );
+        }
+        return Ok(());
+    }
+    for o in origins {
+        let parsed = url::Url::parse(o).map_err(|e| {
+            anyhow::anyhow!("KARMIC_CORS_ORIGINS: {o:?} is not an origin ({e}); expected e.g. https://app.example.com")
+        })?;
+        let canonical = parsed.origin().ascii_serialization();
+        if !matches!(parsed.scheme(), "http" | "https") || canonical != *o {
+            bail!(
+                "KARMIC_CORS_ORIGINS: {o:?} is not an origin as browsers send it; expected {canonical:?} (scheme://host[:port], no path or trailing slash)"
+            );
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

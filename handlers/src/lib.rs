@@ -10,6 +10,7 @@ pub mod openapi;
 pub mod problem;
 pub mod routes;
 pub mod telemetry;
+pub mod throttle;
 
 pub use app::{Application, Runtime, Service};
 pub use config::Settings;

@@ -1,15 +1,32 @@
 //! The OpenAPI 3 document, generated from the handlers' annotations.
+//!
+//! The document is meant to be exact: a request that matches it is one the server reads
+//! (it may still be refused for reasons of state, such as a missing resource), a request
+//! that does not is refused, and every status the server can answer is listed with its
+//! headers. `scripts/schemathesis.sh` checks this against a running server.
+//!
+//! Responses shared by many operations (401, 413, 415, 429, 500, 503) are components,
+//! defined here; each operation lists the ones it can answer. Response headers are
+//! described once, in [`ResponseHeaders`]: their schemas, and that they are always sent.
 
 use axum::http::header;
 use axum::response::IntoResponse;
+use utoipa::openapi::header::Header;
+use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{Modify, OpenApi};
+use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Type};
+use utoipa::{Modify, OpenApi, ToResponse};
 
+use crate::problem::PROBLEM_JSON;
 use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Karmic API", description = "Accounts, users and profiles. Errors are application/problem+json (RFC 9457)."),
+    info(title = "Karmic API", description = "Accounts, users and profiles. Errors are application/problem+json (RFC 9457); \
+        their `type` is `https://karmic.dev/problems/<slug>`.\n\n\
+        Every operation may answer 429 when a client exceeds its request rate (`karmic serve`; in AWS, API Gateway \
+        throttles), 503 with `Retry-After` when a request runs longer than `KARMIC_REQUEST_TIMEOUT_MS`, and 500 \
+        on an internal fault."),
     paths(
         routes::health::health,
         routes::auth::register,
@@ -19,8 +36,18 @@ use crate::routes;
         routes::profiles::get_profile,
         routes::profiles::put_profile,
     ),
-    components(schemas(crate::problem::Problem, crate::problem::FieldError)),
-    modifiers(&BearerAuth),
+    components(
+        schemas(crate::problem::Problem, crate::problem::FieldError),
+        responses(
+            Unauthorized,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            TooManyRequests,
+            Overloaded,
+            InternalError,
+        ),
+    ),
+    modifiers(&BearerAuth, &ResponseHeaders),
     tags(
         (name = "auth", description = "Registration and sign-in"),
         (name = "users", description = "Accounts"),
@@ -44,6 +71,160 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// A problem document response with the given description.
+fn problem(description: &str) -> ResponseBuilder {
+    ResponseBuilder::new().description(description).content(
+        PROBLEM_JSON,
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("Problem")))
+            .build(),
+    )
+}
+
+/// A response header; its schema and `required` are filled in by [`ResponseHeaders`].
+fn header(description: &str) -> Header {
+    let mut h = Header::default();
+    h.description = Some(description.to_owned());
+    h
+}
+
+macro_rules! problem_response {
+    ($(#[$doc:meta])* $name:ident, $description:expr $(, $header:literal => $header_doc:literal)*) => {
+        $(#[$doc])*
+        pub struct $name;
+
+        impl<'r> ToResponse<'r> for $name {
+            fn response() -> (&'r str, RefOr<Response>) {
+                let r = problem($description)
+                    $(.header($header, header($header_doc)))*
+                    .build();
+                (stringify!($name), r.into())
+            }
+        }
+    };
+}
+
+problem_response!(
+    /// 401 from the bearer-token check.
+    Unauthorized,
+    "No valid access token (`unauthorized`): none was sent, or it is malformed, expired or not signed by this service.",
+    "WWW-Authenticate" => "Always `Bearer realm=\"karmic\"`."
+);
+problem_response!(
+    /// 413 from the body limit.
+    PayloadTooLarge,
+    "The body is larger than `KARMIC_BODY_LIMIT_BYTES` (default 64 KiB) (`payload-too-large`)."
+);
+problem_response!(
+    /// 415 from the JSON extractor.
+    UnsupportedMediaType,
+    "The body is not declared as JSON: `Content-Type` is missing or is not `application/json` \
+     (or another `+json` type) (`unsupported-media-type`)."
+);
+problem_response!(
+    /// 429 from the per-client rate limit (and, on sign-in, the failed sign-in limit).
+    TooManyRequests,
+    "Too many requests (`too-many-requests`): this client exceeded `KARMIC_RATE_LIMIT_PER_SEC` requests per \
+     second (burst `KARMIC_RATE_LIMIT_BURST`; `karmic serve` only: in AWS, API Gateway throttles), or, on \
+     `POST /auth/login`, there were too many failed sign-ins for the account or from the client. Retry after \
+     `Retry-After` seconds.",
+    "Retry-After" => "Seconds to wait before retrying."
+);
+problem_response!(
+    /// 503 from load shedding.
+    Overloaded,
+    "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS`, or, on sign-in and \
+     registration, the password-hashing queue is full. Retry after `Retry-After` seconds.",
+    "Retry-After" => "Seconds to wait before retrying."
+);
+problem_response!(
+    /// 500.
+    InternalError,
+    "An internal fault (`internal`). The cause is logged, never shown."
+);
+
+/// Response headers whose value is not always sent: `(path, method, status, header)`.
+/// Every other documented response header is always sent, and is marked `required`.
+const OPTIONAL_RESPONSE_HEADERS: &[(&str, &str, &str, &str)] = &[
+    // 503 `overloaded` carries it; 503 `unavailable` (the read model is down) does not.
+    ("/profiles/{id}", "get", "503", "Retry-After"),
+    // A degraded store is answered without it; an overloaded server with it.
+    ("/health", "get", "503", "Retry-After"),
+];
+
+/// Gives every documented response header its schema, and marks it `required` unless it is
+/// in [`OPTIONAL_RESPONSE_HEADERS`].
+struct ResponseHeaders;
+
+impl ResponseHeaders {
+    fn schema(name: &str) -> Option<RefOr<utoipa::openapi::Schema>> {
+        let s = match name {
+            "Retry-After" => ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .minimum(Some(1)),
+            // A strong entity tag naming the profile's version.
+            "ETag" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r#"^"[0-9]+"$"#)),
+            "Location" => ObjectBuilder::new().schema_type(Type::String).pattern(Some(
+                "^/users/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+            )),
+            "WWW-Authenticate" => ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["Bearer realm=\"karmic\""])),
+            _ => return None,
+        };
+        Some(RefOr::T(s.build().into()))
+    }
+
+    fn fill(response: &mut RefOr<Response>, optional: impl Fn(&str) -> bool) {
+        let RefOr::T(response) = response else {
+            return;
+        };
+        for (name, h) in response.headers.iter_mut() {
+            let RefOr::T(h) = h else { continue };
+            if let Some(schema) = Self::schema(name) {
+                h.schema = Some(schema);
+            }
+            if !optional(name) {
+                h.extensions
+                    .get_or_insert_with(Default::default)
+                    .insert("required".to_owned(), true.into());
+            }
+        }
+    }
+}
+
+impl Modify for ResponseHeaders {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            for response in components.responses.values_mut() {
+                Self::fill(response, |_| false);
+            }
+        }
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [
+                ("get", item.get.as_mut()),
+                ("put", item.put.as_mut()),
+                ("post", item.post.as_mut()),
+            ];
+            for (method, op) in operations {
+                let Some(op) = op else { continue };
+                for (status, response) in op.responses.responses.iter_mut() {
+                    Self::fill(response, |name| {
+                        OPTIONAL_RESPONSE_HEADERS.contains(&(
+                            path.as_str(),
+                            method,
+                            status.as_str(),
+                            name,
+                        ))
+                    });
+                }
+            }
+        }
     }
 }
 

@@ -70,9 +70,26 @@ pub enum ApiError {
     /// 503: a dependency is down; retry later. The cause is logged, not shown.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 with `Retry-After`: we are shedding load (the password queue is full, the
+    /// request ran out of time).
+    #[error("{detail}")]
+    Overloaded { detail: String, retry_after: u64 },
+    /// 429 with `Retry-After`: this client (or account) must slow down.
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after: u64 },
     /// 500: our fault. The cause is logged, never shown.
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    /// The password queue is full: come back in a second.
+    pub fn hashing_busy() -> ApiError {
+        ApiError::Overloaded {
+            detail: "too many sign-ins and registrations in progress; retry shortly".to_owned(),
+            retry_after: 1,
+        }
+    }
 }
 
 impl From<commands::StoreError> for ApiError {
@@ -94,7 +111,10 @@ impl ApiError {
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,6 +133,8 @@ impl ApiError {
             ApiError::PayloadTooLarge => "payload-too-large",
             ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Overloaded { .. } => "overloaded",
+            ApiError::TooManyRequests { .. } => "too-many-requests",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -161,6 +183,7 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::Internal(e) => tracing::error!(error = %format!("{e:#}"), "internal error"),
             ApiError::Unavailable(e) => tracing::warn!(error = %e, "dependency unavailable"),
+            ApiError::Overloaded { detail, .. } => tracing::warn!(%detail, "shedding load"),
             _ => tracing::debug!(%status, error = %self, "request refused"),
         }
         let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
@@ -178,6 +201,10 @@ impl IntoResponse for ApiError {
                 if let Ok(v) = HeaderValue::from_str(&crate::routes::profiles::etag(*current)) {
                     h.insert(header::ETAG, v);
                 }
+            }
+            ApiError::Overloaded { retry_after, .. }
+            | ApiError::TooManyRequests { retry_after, .. } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
             }
             _ => {}
         }

@@ -84,6 +84,12 @@ pub trait ProfileCache: Send + Sync {
     /// Forget every cached profile (after a rebuild).
     async fn clear(&self) -> Result<()>;
 
+    /// Is this cache private to the process (so another process's writes never reach
+    /// it)? Then [`CachedProfiles`] refreshes it when the projector hears of them.
+    fn is_process_local(&self) -> bool {
+        false
+    }
+
     /// Claim, across every process sharing this cache, the loading of the cold key `id`
     /// from the store: `Some(token)` means load it and then [`ProfileCache::release_fill`];
     /// `None` means another process holds the claim (wait for its fill). A cache private to
@@ -658,6 +664,10 @@ impl ProfileCache for LocalCache {
         self.lock()?.clear();
         Ok(())
     }
+
+    fn is_process_local(&self) -> bool {
+        true
+    }
 }
 
 /// A profile store with a cache in front.
@@ -727,7 +737,7 @@ impl CachedProfiles {
                 return Ok(Some(v));
             }
         }
-        let loaded = self.store.get(id).await;
+        let loaded = self.store.get_fresh(id).await;
         if let Ok(Some(v)) = &loaded
             && let Err(e) = self.cache.put_if_newer(v).await
         {
@@ -797,11 +807,28 @@ impl ProfileStore for CachedProfiles {
     /// model back), then bring the cache entries of everything written up to the store.
     /// If the cache cannot be refreshed the batch fails, so the projector retries (and the
     /// checkpoint, and `projections status`, show the lag) until it can.
+    ///
+    /// A view the store turned away (it already holds that version or a newer one) is a
+    /// re-applied batch: the process that stored it first may have failed to refresh the
+    /// cache, so the cache is brought up to the store's current value for it too.
     async fn upsert_many(&self, views: &[ProfileView]) -> Result<Vec<ProfileView>> {
         let stored = self.store.upsert_many(views).await?;
+        let mut refresh = stored.clone();
+        let accepted: std::collections::HashSet<UserId> =
+            stored.iter().map(|v| v.user_id).collect();
+        let turned_away: std::collections::BTreeSet<UserId> = views
+            .iter()
+            .map(|v| v.user_id)
+            .filter(|id| !accepted.contains(id))
+            .collect();
+        for id in turned_away {
+            if let Some(current) = self.store.get_fresh(id).await? {
+                refresh.push(current);
+            }
+        }
         let pending: Vec<ProfileView> = {
             let mut dirty = self.dirty()?;
-            for v in &stored {
+            for v in &refresh {
                 match dirty.get(&v.user_id) {
                     Some(cur) if cur.version >= v.version => {}
                     _ => {
@@ -829,12 +856,31 @@ impl ProfileStore for CachedProfiles {
         Ok(stored)
     }
 
+    async fn get_fresh(&self, id: UserId) -> Result<Option<ProfileView>> {
+        self.store.get_fresh(id).await
+    }
+
     async fn all(&self) -> Result<Vec<ProfileView>> {
         self.store.all().await
     }
 
     async fn begin_rebuild(&self) -> Result<RebuildTarget> {
         self.store.begin_rebuild().await
+    }
+
+    fn keeps_process_copies(&self) -> bool {
+        self.cache.is_process_local()
+    }
+
+    /// Refresh (never just delete) the copies from the store, so that a reader that read
+    /// the store before the other process's write cannot put the older value back.
+    async fn heard_of_writes(&self, ids: &[UserId]) -> Result<()> {
+        for id in ids {
+            if let Some(current) = self.store.get_fresh(*id).await? {
+                self.cache.put_if_newer(&current).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()> {

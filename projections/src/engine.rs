@@ -19,13 +19,26 @@ pub trait Projection: Send + Sync {
     /// Apply a batch of events, oldest first. Must be idempotent: the same batch may be
     /// applied again after a crash, and events of other aggregate types pass by.
     async fn apply(&self, events: &[StoredEvent]) -> Result<()>;
+
+    /// Does this projection keep state in the process (an in-memory cache) that must hear
+    /// of events another process applied? If so, [`Projection::applied_elsewhere`] is
+    /// called with them before this process drives the projection again.
+    fn keeps_process_state(&self) -> bool {
+        false
+    }
+
+    /// Events another process applied to the shared read model since this process last
+    /// drove the projection (see [`Projection::keeps_process_state`]).
+    async fn applied_elsewhere(&self, _events: &[StoredEvent]) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct ProjectorSettings {
     /// Events read per batch.
     pub batch_size: i64,
-    /// How long a driver waits for another driver of the same projection.
+    /// How long a driver waits for another driver's lease on the same projection.
     pub lock_wait: Duration,
     /// How often the background loop looks for missed events.
     pub poll_interval: Duration,
@@ -63,6 +76,12 @@ struct Inner {
     requested: AtomicU64,
     completed: AtomicU64,
     wake: Notify,
+    /// Whether [`Projector::run`] is looping in this process. Without it (a Lambda
+    /// function), a command with the read-your-writes wait turned off still projects.
+    background: std::sync::atomic::AtomicBool,
+    /// Per projection, the checkpoint as this process last left or saw it: a checkpoint
+    /// found further on was moved by another process.
+    seen: std::sync::Mutex<std::collections::HashMap<&'static str, Position>>,
     /// Recent projection lags (commit to applied), per projection, in milliseconds.
     lags:
         std::sync::Mutex<std::collections::HashMap<&'static str, std::collections::VecDeque<f64>>>,
@@ -96,6 +115,8 @@ impl Projector {
                 requested: AtomicU64::new(0),
                 completed: AtomicU64::new(0),
                 wake: Notify::new(),
+                background: std::sync::atomic::AtomicBool::new(false),
+                seen: std::sync::Mutex::default(),
                 lags: std::sync::Mutex::default(),
             }),
         }
@@ -114,21 +135,23 @@ impl Projector {
     }
 
     /// Bring every projection up to the head of the feed as it is now. Concurrent callers
-    /// share passes. Runs on its own task, so a cancelled caller never cuts a pass short.
+    /// share passes.
+    ///
+    /// The pass runs in the caller's task: a caller that gives up (the read-your-writes
+    /// wait timing out, a Lambda invocation ending) cancels it rather than leaving it
+    /// running unseen. Cancelling is safe at any point: applies are idempotent, a lease
+    /// still held is given back (or runs out) and the next pass starts from the checkpoint.
     pub async fn catch_up(&self) -> Result<PassReport> {
-        let ticket = self.inner.requested.fetch_add(1, Ordering::SeqCst) + 1;
-        let inner = self.inner.clone();
-        let task = tokio::spawn(async move {
-            let _pass = inner.pass.lock().await;
-            if inner.completed.load(Ordering::SeqCst) >= ticket {
-                return Ok(PassReport::default());
-            }
-            let covers = inner.requested.load(Ordering::SeqCst);
-            let report = inner.run_pass().await;
-            inner.completed.fetch_max(covers, Ordering::SeqCst);
-            Ok(report)
-        });
-        task.await?
+        let inner = &self.inner;
+        let ticket = inner.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _pass = inner.pass.lock().await;
+        if inner.completed.load(Ordering::SeqCst) >= ticket {
+            return Ok(PassReport::default());
+        }
+        let covers = inner.requested.load(Ordering::SeqCst);
+        let report = inner.run_pass().await;
+        inner.completed.fetch_max(covers, Ordering::SeqCst);
+        Ok(report)
     }
 
     /// Catch up far enough to include everything committed before this call: wait (up to
@@ -179,6 +202,14 @@ impl Projector {
     /// `shutdown` resolves. This is what catches up events whose request died right after
     /// its commit.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        self.inner.background.store(true, Ordering::SeqCst);
+        let _running = Running(&self.inner.background);
         tokio::pin!(shutdown);
         let mut failures: u32 = 0;
         loop {
@@ -253,43 +284,87 @@ impl Inner {
         report
     }
 
-    /// Returns how many events were applied, or `None` if another driver holds the lock.
+    /// Returns how many events were applied, or `None` if another driver holds the lease.
     ///
-    /// The lock is taken per batch, not for the whole catch-up, so that a long catch-up
+    /// The lease is taken per batch, not for the whole catch-up, so that a long catch-up
     /// never keeps another driver (a rebuild's switch-over, say) waiting for more than one
-    /// batch; the checkpoint is re-read under each lock for the same reason.
+    /// batch. An idle projection costs two reads (checkpoint, feed) and no write.
     async fn drive(&self, p: Arc<dyn Projection>) -> Result<Option<usize>> {
         let name = p.name();
+        let size = self.settings.batch_size;
         let mut applied = 0;
         loop {
-            let Some(lock) = self.checkpoints.lock(name, self.settings.lock_wait).await? else {
-                return Ok(if applied > 0 { Some(applied) } else { None });
+            let at = self.checkpoints.load(name).await?;
+            self.notice_foreign(&*p, at).await?;
+            let mut batch = self.feed.read_after(at, size).await?;
+            if batch.is_empty() {
+                return Ok(Some(applied));
+            }
+            let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await? else {
+                return Ok((applied > 0).then_some(applied));
             };
-            let result = self.drive_one_batch(&*p).await;
-            lock.release().await;
-            let (n, more) = result?;
-            applied += n;
-            if !more {
+            if lease.at() != at {
+                // Another driver moved it between the look and the claim.
+                self.notice_foreign(&*p, lease.at()).await?;
+                batch = self.feed.read_after(lease.at(), size).await?;
+            }
+            let Some(next) = batch.last().map(|e| e.position) else {
+                lease.release().await;
+                return Ok(Some(applied));
+            };
+            if let Err(e) = p.apply(&batch).await {
+                lease.release().await;
+                return Err(e);
+            }
+            if !lease.advance_and_release(next).await? {
+                // The lease ran out under us and another driver took over; it applies the
+                // same events (idempotently) and moves the checkpoint.
+                warn!(
+                    projection = name,
+                    "lost the projection lease during a batch"
+                );
+                return Ok((applied > 0).then_some(applied));
+            }
+            self.saw(name, next);
+            self.record_lags(name, &batch);
+            debug!(projection = name, at = %next, n = batch.len(), "batch applied");
+            applied += batch.len();
+            if (batch.len() as i64) < size {
                 return Ok(Some(applied));
             }
         }
     }
 
-    /// Apply the next batch after the checkpoint. Returns its size and whether a full
-    /// batch was read (there may be more).
-    async fn drive_one_batch(&self, p: &dyn Projection) -> Result<(usize, bool)> {
+    fn saw(&self, name: &'static str, at: Position) {
+        if let Ok(mut m) = self.seen.lock() {
+            m.insert(name, at);
+        }
+    }
+
+    /// If another process moved `p`'s checkpoint past where this process last saw it,
+    /// tell `p` what it applied (only projections that keep state in the process).
+    async fn notice_foreign(&self, p: &dyn Projection, at: Position) -> Result<()> {
         let name = p.name();
-        let at: Position = self.checkpoints.load(name).await?;
-        let batch = self.feed.read_after(at, self.settings.batch_size).await?;
-        let Some(last) = batch.last() else {
-            return Ok((0, false));
-        };
-        let next = last.position;
-        p.apply(&batch).await?;
-        self.checkpoints.save(name, next).await?;
-        self.record_lags(name, &batch);
-        debug!(projection = name, at = %next, n = batch.len(), "batch applied");
-        Ok((batch.len(), batch.len() as i64 >= self.settings.batch_size))
+        let last = self.seen.lock().ok().and_then(|m| m.get(name).copied());
+        match last {
+            Some(last) if last < at && p.keeps_process_state() => {
+                let mut from = last;
+                while from < at {
+                    let batch = self.feed.read_after(from, self.settings.batch_size).await?;
+                    let Some(end) = batch.last().map(|e| e.position) else {
+                        break;
+                    };
+                    let mine: Vec<StoredEvent> =
+                        batch.into_iter().filter(|e| e.position <= at).collect();
+                    p.applied_elsewhere(&mine).await?;
+                    from = end;
+                }
+                self.saw(name, at);
+            }
+            Some(last) if last == at => {}
+            _ => self.saw(name, at),
+        }
+        Ok(())
     }
 }
 
@@ -311,18 +386,31 @@ impl Inner {
 #[async_trait::async_trait]
 impl AfterCommit for Projector {
     /// Catch up before the response goes out, but never wait past the configured timeout:
-    /// the command is committed either way and the background loop finishes the job.
+    /// the command is committed either way, and the pass is cancelled rather than left
+    /// running (in Lambda it would be frozen mid-way). What is left is projected by the
+    /// background loop (`karmic serve`), the projector function (AWS) or the next command.
     async fn committed(&self) {
         let timeout = self.inner.settings.read_your_writes_timeout;
-        if timeout.is_zero() {
-            self.nudge();
-            return;
-        }
+        let timeout = if timeout.is_zero() {
+            if self.inner.background.load(Ordering::SeqCst) {
+                self.nudge();
+                return;
+            }
+            // No background loop here (a Lambda function): "do not wait" must not mean
+            // "nothing projects". This invocation is the only time this container can
+            // project, so it does, within the default bound.
+            ProjectorSettings::default().read_your_writes_timeout
+        } else {
+            timeout
+        };
         match tokio::time::timeout(timeout, self.catch_up_through_now(timeout)).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!(error = %e, "read models did not catch up after a commit"),
             Err(_) => {
-                warn!(?timeout, "read models still catching up; answering anyway");
+                warn!(
+                    ?timeout,
+                    "read models still catching up; pass cancelled, answering"
+                );
                 self.nudge();
             }
         }

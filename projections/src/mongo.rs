@@ -127,6 +127,12 @@ fn from_doc(d: &Document) -> Result<ProfileView> {
     })
 }
 
+/// Reads that must see the latest write (the live-collection pointer, cache fills) go to
+/// the primary even when the URL prefers secondaries for ordinary reads.
+pub fn primary() -> mongodb::options::SelectionCriteria {
+    mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary)
+}
+
 impl MongoProfiles {
     pub async fn connect(settings: &MongoSettings) -> Result<MongoProfiles> {
         let mut opts = ClientOptions::parse(&settings.url)
@@ -183,6 +189,9 @@ impl MongoProfiles {
             .db
             .collection::<Document>(META)
             .find_one(doc! {"_id": META_ID})
+            // Never a lagging secondary, whatever the URL's readPreference: an old pointer
+            // after a rebuild would read (and let the projector recreate) a dropped one.
+            .selection_criteria(primary())
             .await
             .context("reading the read-model metadata")?;
         Ok(meta
@@ -223,6 +232,17 @@ impl ProfileStore for MongoProfiles {
             .find_one(doc! {"_id": id.to_string()})
             .await
             .context("reading a profile from MongoDB")?;
+        d.as_ref().map(from_doc).transpose()
+    }
+
+    async fn get_fresh(&self, id: UserId) -> Result<Option<ProfileView>> {
+        let d = self
+            .collection()
+            .await?
+            .find_one(doc! {"_id": id.to_string()})
+            .selection_criteria(primary())
+            .await
+            .context("reading a profile from the MongoDB primary")?;
         d.as_ref().map(from_doc).transpose()
     }
 

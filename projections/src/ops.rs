@@ -12,7 +12,9 @@ use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
 use serde::Serialize;
 
 use crate::engine::{Projection, Projector};
-use crate::read_models::{ProfileStore, ProfileView, ProfilesProjection, ReadModels, UserView};
+use crate::read_models::{
+    Fence, ProfileStore, ProfileView, ProfilesProjection, ReadModels, UserView,
+};
 
 /// Where one projection stands.
 #[derive(Debug, Clone, Serialize)]
@@ -274,7 +276,7 @@ pub async fn rebuild_users(
     .await?;
     let all: Vec<UserView> = users.values().cloned().collect();
     read_models.write_rebuilt_users(&all).await?;
-    switch_over(projector, NAME, async {
+    switch_over(projector, NAME, async |fence: Fence| {
         let mut touched = BTreeSet::new();
         let at = for_each_batch(&*feed, at, |batch| {
             touched.extend(fold_users(batch, &mut users)?);
@@ -288,43 +290,70 @@ pub async fn rebuild_users(
             .filter_map(|id| users.get(id).cloned())
             .collect();
         read_models.write_rebuilt_users(&tail).await?;
-        read_models.finish_users_rebuild().await?;
+        read_models.finish_users_rebuild(Some(&fence)).await?;
         Ok(at)
     })
     .await?;
     Ok(done)
 }
 
-/// The end of a rebuild: with the live projector of `name` held off (its lock), and once
-/// the feed can show everything committed so far, run `finish` (apply the tail, switch
-/// reads), then save the position it returns as the checkpoint. `finish` is an unstarted
-/// future, so nothing of it runs before the lock is held.
+/// The end of a rebuild: with the live projector of `name` held off (its lease, renewed
+/// while this runs), and once the feed can show everything committed so far, run `finish`
+/// (apply the tail, switch reads) and set the checkpoint to the position it returns.
+/// `finish` gets the lease as a [`Fence`] for a switch that can check it atomically.
+///
+/// Should the lease still be lost (the process stalled for longer than a lease), the
+/// checkpoint is moved back to the rebuild's position: whatever a live driver applied to
+/// the old store meanwhile is then applied again, idempotently, to the new one.
 async fn switch_over(
     projector: &Projector,
     name: &str,
-    finish: impl std::future::Future<Output = Result<Position>>,
+    finish: impl AsyncFnOnce(Fence) -> Result<Position>,
 ) -> Result<()> {
-    let Some(lock) = projector
-        .checkpoints()
-        .lock(name, Duration::from_secs(30))
-        .await?
-    else {
+    let checkpoints = projector.checkpoints();
+    let Some(lease) = checkpoints.lock(name, Duration::from_secs(30)).await? else {
         bail!("could not take over the {name} projection (another driver holds it)");
     };
-    let result = async {
+    let fence = Fence {
+        projection: name.to_owned(),
+        owner: lease.owner(),
+    };
+    let work = async {
         projector
             .wait_until_feed_shows_now(Duration::from_secs(5))
             .await?;
-        let at = finish.await?;
-        projector
-            .checkpoints()
-            .save(name, at)
-            .await
-            .context("saving the checkpoint")
+        finish(fence).await
+    };
+    let renew_every = checkpoints.lease() / 3;
+    let at = {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                r = &mut work => break r,
+                () = tokio::time::sleep(renew_every) => {
+                    if !lease.renew().await? {
+                        tracing::warn!(projection = name, "lost the lease during a rebuild's switch-over");
+                    }
+                }
+            }
+        }
+    };
+    let at = match at {
+        Ok(at) => at,
+        Err(e) => {
+            lease.release().await;
+            return Err(e);
+        }
+    };
+    if !lease
+        .overwrite_and_release(at)
+        .await
+        .context("saving the checkpoint")?
+    {
+        tracing::warn!(projection = name, at = %at, "lease lost at the switch; re-applying from the rebuild's position");
+        checkpoints.rewind_to(name, at).await?;
     }
-    .await;
-    lock.release().await;
-    result
+    Ok(())
 }
 
 /// How many distinct profiles a rebuild folds in memory before writing them.
@@ -373,7 +402,7 @@ pub async fn rebuild_profiles(
     let views: Vec<ProfileView> = std::mem::take(&mut pending).into_values().collect();
     target.store.upsert_many(&views).await?;
     // The tail, the switch and the checkpoint happen while the live projector is held off.
-    switch_over(projector, NAME, async {
+    switch_over(projector, NAME, async |_fence: Fence| {
         loop {
             let batch = feed.read_after(at, 1000).await?;
             let Some(last) = batch.last() else { break };

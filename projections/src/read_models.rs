@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use chrono::{DateTime, Utc};
 use commands::{Database, StoredEvent};
 use cqrs_es::Aggregate;
@@ -261,7 +261,7 @@ impl ReadModels {
     /// Put table `next` in the place of `live` and drop the old one, in one transaction:
     /// DDL is transactional on both databases, so readers see the old table or the new,
     /// never neither.
-    async fn swap_in(&self, live: &str, next: &str) -> Result<()> {
+    async fn swap_in(&self, live: &str, next: &str, fence: Option<&Fence>) -> Result<()> {
         let old = format!("{live}_old");
         let steps = [
             format!("ALTER TABLE {live} RENAME TO {old}"),
@@ -271,6 +271,23 @@ impl ReadModels {
         match self {
             ReadModels::Postgres(p) => {
                 let mut tx = p.begin().await?;
+                if let Some(f) = fence {
+                    // The row lock keeps a driver from claiming the lease until we commit.
+                    let held: Option<i32> = sqlx::query_scalar(
+                        "SELECT 1 FROM projection_checkpoints
+                          WHERE name = $1 AND lease_owner = $2 FOR UPDATE",
+                    )
+                    .bind(&f.projection)
+                    .bind(f.owner)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if held.is_none() {
+                        bail!(
+                            "lost the {} projection's lease before the switch",
+                            f.projection
+                        );
+                    }
+                }
                 for step in &steps {
                     sqlx::query(step).execute(&mut *tx).await?;
                 }
@@ -278,6 +295,23 @@ impl ReadModels {
             }
             ReadModels::Sqlite(p) => {
                 let mut tx = p.begin().await?;
+                if let Some(f) = fence {
+                    // Take the write lock first: no other process writes until we commit.
+                    let held: Option<i32> = sqlx::query_scalar(
+                        "UPDATE projection_checkpoints SET lease_owner = lease_owner
+                          WHERE name = ?1 AND lease_owner = ?2 RETURNING 1",
+                    )
+                    .bind(&f.projection)
+                    .bind(f.owner.to_string())
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if held.is_none() {
+                        bail!(
+                            "lost the {} projection's lease before the switch",
+                            f.projection
+                        );
+                    }
+                }
                 for step in &steps {
                     sqlx::query(step).execute(&mut *tx).await?;
                 }
@@ -340,8 +374,11 @@ impl ReadModels {
     }
 
     /// Make the rebuilt users table the live one.
-    pub async fn finish_users_rebuild(&self) -> Result<()> {
-        self.swap_in(USERS_TABLE, USERS_REBUILD_TABLE).await
+    ///
+    /// `fence`: the swap happens only if that lease is still held, checked in the swap's
+    /// own transaction (so no live driver can have written to the old table meanwhile).
+    pub async fn finish_users_rebuild(&self, fence: Option<&Fence>) -> Result<()> {
+        self.swap_in(USERS_TABLE, USERS_REBUILD_TABLE, fence).await
     }
 }
 
@@ -369,12 +406,25 @@ fn sqlite_user(r: &sqlx::sqlite::SqliteRow) -> Result<UserView> {
     })
 }
 
+/// A projection lease that a table switch must still hold when it commits.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub projection: String,
+    pub owner: uuid::Uuid,
+}
+
 /// The profile read-model port. Adapters: SQL ([`SqlProfiles`]) and, in the AWS
 /// configuration, DocumentDB (`mongo::MongoProfiles`); [`crate::cache::CachedProfiles`]
 /// puts a cache in front of either. One contract test suite runs against all of them.
 #[async_trait::async_trait]
 pub trait ProfileStore: Send + Sync {
     async fn get(&self, id: UserId) -> Result<Option<ProfileView>>;
+    /// [`ProfileStore::get`] from where the latest write is certain to be (the primary):
+    /// for filling caches, which would otherwise keep a lagging replica's value for the
+    /// whole TTL.
+    async fn get_fresh(&self, id: UserId) -> Result<Option<ProfileView>> {
+        self.get(id).await
+    }
     /// Store `view` unless the stored one has the same or a higher version. Returns
     /// whether it was stored.
     async fn upsert(&self, view: &ProfileView) -> Result<bool>;
@@ -397,6 +447,18 @@ pub trait ProfileStore: Send + Sync {
     async fn begin_rebuild(&self) -> Result<RebuildTarget>;
     /// Make `target` the live store in one atomic step and drop the old one.
     async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()>;
+
+    /// Does this store keep copies in the process (an in-memory cache) that another
+    /// process's writes would leave stale? See [`ProfileStore::heard_of_writes`].
+    fn keeps_process_copies(&self) -> bool {
+        false
+    }
+
+    /// Another process wrote these profiles to the shared store: bring this process's
+    /// copies of them up to date.
+    async fn heard_of_writes(&self, _ids: &[UserId]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A store being rebuilt: its name in the backing database and a handle to write to it.
@@ -514,7 +576,7 @@ impl ProfileStore for SqlProfiles {
     }
 
     async fn finish_rebuild(&self, target: RebuildTarget) -> Result<()> {
-        self.db.swap_in(PROFILES_TABLE, &target.name).await?;
+        self.db.swap_in(PROFILES_TABLE, &target.name, None).await?;
         Ok(())
     }
 
@@ -618,5 +680,19 @@ impl Projection for ProfilesProjection {
         }
         self.0.upsert_many(&views).await?;
         Ok(())
+    }
+
+    fn keeps_process_state(&self) -> bool {
+        self.0.keeps_process_copies()
+    }
+
+    async fn applied_elsewhere(&self, events: &[StoredEvent]) -> Result<()> {
+        let ids: std::collections::BTreeSet<UserId> = events
+            .iter()
+            .filter(|e| e.aggregate_type == Profile::TYPE)
+            .filter_map(|e| UserId::parse(&e.aggregate_id).ok())
+            .collect();
+        let ids: Vec<UserId> = ids.into_iter().collect();
+        self.0.heard_of_writes(&ids).await
     }
 }

@@ -91,6 +91,11 @@ impl TestDb {
         env.insert("KARMIC_PROJECTION_POLL_MS".to_owned(), "100".to_owned());
         // Tests run side by side against one Postgres (max_connections = 100).
         env.insert("KARMIC_DB_MAX_CONNECTIONS".to_owned(), "5".to_owned());
+        // Tests drive the API far harder than one client may; the throttles have tests of
+        // their own that turn them on.
+        for (k, v) in THROTTLES_OFF {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
         if self.backend == Backend::Postgres {
             env.insert("KARMIC_DATABASE_URL".to_owned(), self.url.clone());
         }
@@ -109,6 +114,11 @@ impl TestDb {
             ("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
             ("KARMIC_DB_MAX_CONNECTIONS".to_owned(), "5".to_owned()),
         ];
+        v.extend(
+            THROTTLES_OFF
+                .iter()
+                .map(|(k, val)| ((*k).to_owned(), (*val).to_owned())),
+        );
         if self.backend == Backend::Postgres {
             v.push(("KARMIC_DATABASE_URL".to_owned(), self.url.clone()));
         }
@@ -131,6 +141,13 @@ impl Drop for TestDb {
         }
     }
 }
+
+/// Settings that turn off per-client throttling (request rate, failed sign-ins).
+pub const THROTTLES_OFF: &[(&str, &str)] = &[
+    ("KARMIC_RATE_LIMIT_PER_SEC", "0"),
+    ("KARMIC_LOGIN_FAILURES_PER_ACCOUNT", "0"),
+    ("KARMIC_LOGIN_FAILURES_PER_CLIENT", "0"),
+];
 
 /// The MongoDB-compatible server the tests use (SecantusDB, started by scripts/services.sh).
 pub fn mongodb_url() -> String {
@@ -216,6 +233,27 @@ pub async fn commit_behind_the_projectors_back(store: &Database, profile_id: &st
         .unwrap();
 }
 
+/// Open a profile straight in the event store (no projector sees it): a fresh aggregate
+/// for [`commit_behind_the_projectors_back`]. Returns its id.
+pub async fn profile_behind_the_projectors_back(store: &Database, name: &str) -> String {
+    let id = domain::UserId::new_v7();
+    store
+        .aggregates::<domain::Profile>()
+        .execute(
+            &id.to_string(),
+            domain::ProfileCommand::Create {
+                user_id: id,
+                display_name: domain::DisplayName::parse(name).unwrap(),
+            },
+            &(),
+            None,
+            &commands::CommandMeta::system("test"),
+        )
+        .await
+        .unwrap();
+    id.to_string()
+}
+
 /// Run async clean-up from `Drop`: on a thread of its own with its own runtime, so it
 /// works whether or not the dropping thread is inside a runtime.
 fn block_on_a_thread(cleanup: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -252,6 +290,11 @@ impl TestApp {
         let db = TestDb::new(backend).await;
         let mut settings = db.settings();
         tweak(&mut settings);
+        Self::spawn_on(db, settings).await
+    }
+
+    /// An app on `db` with exactly these settings.
+    pub async fn spawn_on(db: TestDb, settings: Settings) -> TestApp {
         let app = Application::build(settings.clone()).await.unwrap();
         let addr: SocketAddr = ([127, 0, 0, 1], app.port()).into();
         let store = app.runtime().state.db.clone();

@@ -20,6 +20,10 @@ use tests::free_port;
 
 impl Server {
     async fn start(db: &TestDb) -> Server {
+        Self::start_with(db, &[]).await
+    }
+
+    async fn start_with(db: &TestDb, extra: &[(&str, &str)]) -> Server {
         let port = free_port();
         let mut cmd = Command::new(karmic_binary!());
         cmd.arg("serve")
@@ -33,6 +37,9 @@ impl Server {
             if k != "KARMIC_JWT_SECRET" || db.backend == Backend::Postgres {
                 cmd.env(k, v);
             }
+        }
+        for (k, v) in extra {
+            cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
         let s = Server {
@@ -249,18 +256,35 @@ async fn replaying_the_feed_from_zero_changes_nothing(backend: Backend) {
     );
 }
 
-/// Only one driver per projection at a time: while one holds the lock, another backs off.
+/// Run the real `karmic` CLI on `db`; returns (success, stdout, stderr).
+fn cli(db: &TestDb, args: &[&str], extra: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(karmic_binary!());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "error");
+    for (k, v) in db.process_env() {
+        cmd.env(k, v);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Only one driver per projection at a time, across processes on both stores: while this
+/// process holds the `users` lease, a `karmic projections catch-up` process backs off
+/// (and says so); once it is released, the CLI drives it.
 async fn one_driver_per_projection(backend: Backend) {
     let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    tests::profile_behind_the_projectors_back(&store, "X").await;
     let a = tests::runtime(&db).await;
-    let other;
-    let b: &handlers::Runtime = if backend == Backend::Postgres {
-        other = tests::runtime(&db).await; // another "process": its own pools
-        &other
-    } else {
-        // SQLite's lock is in-process: embedded mode is one process.
-        &a
-    };
     let held = a
         .projector
         .checkpoints()
@@ -268,10 +292,187 @@ async fn one_driver_per_projection(backend: Backend) {
         .await
         .unwrap()
         .unwrap();
-    let err = b.projector.catch_up_one("users").await.unwrap_err();
-    assert!(err.to_string().contains("driven by someone else"), "{err}");
+    let (ok, out, err) = cli(&db, &["projections", "catch-up"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("users: busy"), "{out}");
+    assert_eq!(
+        a.projector.checkpoints().load("users").await.unwrap(),
+        Position::START,
+        "another process drove the projection while the lease was held"
+    );
     held.release().await;
-    b.projector.catch_up_one("users").await.unwrap();
+    let (ok, out, err) = cli(&db, &["projections", "catch-up"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("users: applied 1 events"), "{out}");
+}
+
+/// A driver frozen inside its batch (a Lambda container frozen mid-pass, here a process
+/// SIGSTOPped while it blocks forever) holds the projection up for one lease at most:
+/// another process's catch-up still advances within a bounded time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_driver_holds_a_projection_up_for_one_lease_at_most() {
+    use std::io::BufRead;
+    let db = TestDb::new(Backend::Postgres).await;
+    let store = db.connect().await;
+    for i in 0..3 {
+        tests::profile_behind_the_projectors_back(&store, &format!("Frozen {i}")).await;
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stuck-projector"))
+        .args([db.url.as_str(), "1000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .unwrap();
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), line)
+        .await
+        .expect("the stuck driver never started its batch")
+        .unwrap();
+    assert_eq!(line.trim(), "applying");
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let rt = tests::runtime(&db).await;
+    let head = rt.projector.feed().head().await.unwrap().unwrap().0;
+    let started = Instant::now();
+    loop {
+        if rt.projector.catch_up_one("users").await.is_ok()
+            && rt.projector.checkpoints().load("users").await.unwrap() == head
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the frozen driver still holds the projection after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// The embedded store across processes: `karmic projections rebuild users` (a process of
+/// its own) while `karmic serve` keeps registering users; afterwards the read model equals
+/// a fresh fold of the event store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilding_users_beside_a_busy_server_loses_nothing() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = std::sync::Arc::new(Server::start(&db).await);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..2 {
+        let (server, stop) = (server.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = server
+                    .post(
+                        "/auth/register",
+                        json!({"email": format!("w{w}-{n}@example.com"), "password": PASSWORD, "display_name": "Busy"}),
+                    )
+                    .await;
+                assert_eq!(r.status(), 201);
+                n += 1;
+            }
+            n
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        let (ok, _, err) = cli(&db, &["projections", "rebuild", "users"], &[]);
+        assert!(ok, "{err}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut registered = 0;
+    for w in writers {
+        registered += w.await.unwrap();
+    }
+    assert!(
+        registered > 10,
+        "only {registered} registrations ran during the rebuilds"
+    );
+    // Let the server's projector settle, then compare with a fresh fold.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ok, out, err) = cli(&db, &["projections", "verify", "users"], &[]);
+    assert!(
+        ok,
+        "differences after rebuilding beside a busy server:\n{out}\n{err}"
+    );
+}
+
+/// Embedded `serve` keeps profiles in an in-process cache. When another process (a CLI,
+/// a second projector) applies profile events, `serve` hears of it within a poll interval
+/// instead of serving the old profile until the cache's TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_embedded_cache_hears_of_another_processs_projection_work() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let server = Server::start_with(&db, &[("KARMIC_PROJECTION_POLL_MS", "1000")]).await;
+    let r = server
+        .post(
+            "/auth/register",
+            json!({"email": "cached@example.com", "password": PASSWORD, "display_name": "Old Name"}),
+        )
+        .await;
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["user_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token: String = server
+        .login("cached@example.com")
+        .await
+        .json::<Value>()
+        .await
+        .unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Warm serve's cache.
+    let p: Value = server
+        .get(&format!("/profiles/{id}"), &token)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(p["display_name"], "Old Name");
+    // Another process commits and projects at once (before serve's next poll).
+    let store = db.connect().await;
+    tests::commit_behind_the_projectors_back(&store, &id, "New Name").await;
+    let rt = tests::runtime(&db).await;
+    rt.projector.catch_up().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let p: Value = server
+            .get(&format!("/profiles/{id}"), &token)
+            .await
+            .json()
+            .await
+            .unwrap();
+        if p["display_name"] == "New Name" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve still answers the old profile"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 on_both_backends!(

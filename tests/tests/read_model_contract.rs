@@ -235,7 +235,9 @@ async fn a_late_old_event_never_reaches_an_expired_cache() {
             .await
             .unwrap()
     );
-    assert_eq!(local.get(id).await.unwrap(), None);
+    // The redelivered batch refreshes the cache from the store (v6), never with v3.
+    let entry = local.get(id).await.unwrap();
+    assert!(entry.as_ref().is_none_or(|v| v.version == 6), "{entry:?}");
     assert_eq!(cached.get(id).await.unwrap().unwrap().display_name, "six");
 }
 

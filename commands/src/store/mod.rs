@@ -194,47 +194,28 @@ impl Database {
         AggregateStore::new(self)
     }
 
-    /// Reserve `email` for `user`. Exactly one concurrent caller wins an email.
-    pub async fn reserve_email(
-        &self,
-        email: &domain::Email,
-        user: domain::UserId,
-    ) -> Result<Reservation, StoreError> {
-        match self {
-            Database::Postgres(p) => postgres::reserve_email(p, email, user).await,
-            Database::Sqlite(p) => sqlite::reserve_email(p, email, user).await,
+    /// Is there a user whose latest role event granted the admin role and who is not
+    /// deactivated? Read from the event store itself (not a read model that may lag).
+    pub async fn an_active_admin_exists(&self) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT EXISTS (
+            SELECT 1 FROM events g
+             WHERE g.aggregate_type = 'user' AND g.event_type = 'AdminRoleGranted'
+               AND NOT EXISTS (SELECT 1 FROM events r
+                                WHERE r.aggregate_type = 'user'
+                                  AND r.aggregate_id = g.aggregate_id
+                                  AND r.sequence > g.sequence
+                                  AND r.event_type IN ('AdminRoleRevoked', 'UserDeactivated')))";
+        let exists = match self {
+            Database::Postgres(p) => sqlx::query_scalar::<_, bool>(SQL).fetch_one(p).await,
+            Database::Sqlite(p) => sqlx::query_scalar::<_, bool>(SQL).fetch_one(p).await,
         }
+        .context("looking for an admin")?;
+        Ok(exists)
     }
 
-    /// Hand a stale reservation (its registration never committed) to `new_owner`, if it is
-    /// still held by `stale_owner`. Returns whether the hand-over happened.
-    pub async fn take_over_email(
-        &self,
-        email: &domain::Email,
-        stale_owner: domain::UserId,
-        new_owner: domain::UserId,
-    ) -> Result<bool, StoreError> {
-        match self {
-            Database::Postgres(p) => {
-                postgres::take_over_email(p, email, stale_owner, new_owner).await
-            }
-            Database::Sqlite(p) => sqlite::take_over_email(p, email, stale_owner, new_owner).await,
-        }
-    }
-
-    /// Drop `email`'s reservation if `owner` holds it (a failed registration cleans up).
-    pub async fn release_email(
-        &self,
-        email: &domain::Email,
-        owner: domain::UserId,
-    ) -> Result<(), StoreError> {
-        match self {
-            Database::Postgres(p) => postgres::release_email(p, email, owner).await,
-            Database::Sqlite(p) => sqlite::release_email(p, email, owner).await,
-        }
-    }
-
-    /// Which user holds `email`, if any.
+    /// Which user registered `email`, if any. The row is written by a trigger in the
+    /// transaction that appends `UserRegistered` (see the migration
+    /// `atomic_email_and_leases`), so it exists exactly when that event does.
     pub async fn email_owner(
         &self,
         email: &domain::Email,
@@ -244,16 +225,6 @@ impl Database {
             Database::Sqlite(p) => sqlite::email_owner(p, email).await,
         }
     }
-}
-
-/// The result of trying to reserve an email.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Reservation {
-    Reserved,
-    HeldBy {
-        user_id: domain::UserId,
-        reserved_at: DateTime<Utc>,
-    },
 }
 
 enum Inner<A: Aggregate> {

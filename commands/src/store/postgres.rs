@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 
-use super::{EventFeed, PoolSettings, Position, Reservation, StoredEvent};
+use super::{EventFeed, PoolSettings, Position, StoredEvent};
 use crate::error::StoreError;
 
 pub(super) async fn connect(url: &str, settings: &PoolSettings) -> Result<PgPool, StoreError> {
@@ -139,73 +139,6 @@ impl EventFeed for PostgresFeed {
                 .context("reading the visibility horizon")?;
         Ok(xmin >= horizon)
     }
-}
-
-pub(super) async fn reserve_email(
-    pool: &PgPool,
-    email: &domain::Email,
-    user: domain::UserId,
-) -> Result<Reservation, StoreError> {
-    let inserted = sqlx::query(
-        "INSERT INTO email_reservations (email, user_id) VALUES ($1, $2)
-         ON CONFLICT (email) DO NOTHING",
-    )
-    .bind(email.as_str())
-    .bind(user.as_uuid())
-    .execute(pool)
-    .await
-    .context("reserving an email")?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(Reservation::Reserved);
-    }
-    let row = sqlx::query("SELECT user_id, reserved_at FROM email_reservations WHERE email = $1")
-        .bind(email.as_str())
-        .fetch_optional(pool)
-        .await
-        .context("reading an email reservation")?;
-    match row {
-        Some(r) => Ok(Reservation::HeldBy {
-            user_id: domain::UserId::from_uuid(r.try_get("user_id")?),
-            reserved_at: r.try_get("reserved_at")?,
-        }),
-        // Released between our insert and select: the caller may simply try again.
-        None => Box::pin(reserve_email(pool, email, user)).await,
-    }
-}
-
-pub(super) async fn take_over_email(
-    pool: &PgPool,
-    email: &domain::Email,
-    stale_owner: domain::UserId,
-    new_owner: domain::UserId,
-) -> Result<bool, StoreError> {
-    let n = sqlx::query(
-        "UPDATE email_reservations SET user_id = $3, reserved_at = now()
-          WHERE email = $1 AND user_id = $2",
-    )
-    .bind(email.as_str())
-    .bind(stale_owner.as_uuid())
-    .bind(new_owner.as_uuid())
-    .execute(pool)
-    .await
-    .context("taking over an email reservation")?
-    .rows_affected();
-    Ok(n == 1)
-}
-
-pub(super) async fn release_email(
-    pool: &PgPool,
-    email: &domain::Email,
-    owner: domain::UserId,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM email_reservations WHERE email = $1 AND user_id = $2")
-        .bind(email.as_str())
-        .bind(owner.as_uuid())
-        .execute(pool)
-        .await
-        .context("releasing an email reservation")?;
-    Ok(())
 }
 
 pub(super) async fn email_owner(

@@ -1,4 +1,4 @@
-//! The SQLite adapter (embedded default): pool setup, the feed and the email reservations.
+//! The SQLite adapter (embedded default): pool setup, the feed and the email lookup.
 
 use std::str::FromStr;
 
@@ -9,7 +9,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 
-use super::{EventFeed, PoolSettings, Position, Reservation, StoredEvent};
+use super::{EventFeed, PoolSettings, Position, StoredEvent};
 use crate::error::StoreError;
 
 pub(super) async fn connect(url: &str, settings: &PoolSettings) -> Result<SqlitePool, StoreError> {
@@ -126,77 +126,6 @@ impl EventFeed for SqliteFeed {
     async fn is_visible(&self, _horizon: i64) -> Result<bool, StoreError> {
         Ok(true)
     }
-}
-
-pub(super) async fn reserve_email(
-    pool: &SqlitePool,
-    email: &domain::Email,
-    user: domain::UserId,
-) -> Result<Reservation, StoreError> {
-    let inserted = sqlx::query(
-        "INSERT INTO email_reservations (email, user_id) VALUES (?, ?)
-         ON CONFLICT (email) DO NOTHING",
-    )
-    .bind(email.as_str())
-    .bind(user.to_string())
-    .execute(pool)
-    .await
-    .context("reserving an email")?
-    .rows_affected();
-    if inserted == 1 {
-        return Ok(Reservation::Reserved);
-    }
-    let row = sqlx::query("SELECT user_id, reserved_at FROM email_reservations WHERE email = ?")
-        .bind(email.as_str())
-        .fetch_optional(pool)
-        .await
-        .context("reading an email reservation")?;
-    match row {
-        Some(r) => {
-            let id: String = r.try_get("user_id")?;
-            let at: String = r.try_get("reserved_at")?;
-            Ok(Reservation::HeldBy {
-                user_id: domain::UserId::parse(&id).map_err(StoreError::msg)?,
-                reserved_at: parse_time(&at)?,
-            })
-        }
-        None => Box::pin(reserve_email(pool, email, user)).await,
-    }
-}
-
-pub(super) async fn take_over_email(
-    pool: &SqlitePool,
-    email: &domain::Email,
-    stale_owner: domain::UserId,
-    new_owner: domain::UserId,
-) -> Result<bool, StoreError> {
-    let n = sqlx::query(
-        "UPDATE email_reservations
-            SET user_id = ?, reserved_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
-          WHERE email = ? AND user_id = ?",
-    )
-    .bind(new_owner.to_string())
-    .bind(email.as_str())
-    .bind(stale_owner.to_string())
-    .execute(pool)
-    .await
-    .context("taking over an email reservation")?
-    .rows_affected();
-    Ok(n == 1)
-}
-
-pub(super) async fn release_email(
-    pool: &SqlitePool,
-    email: &domain::Email,
-    owner: domain::UserId,
-) -> Result<(), StoreError> {
-    sqlx::query("DELETE FROM email_reservations WHERE email = ? AND user_id = ?")
-        .bind(email.as_str())
-        .bind(owner.to_string())
-        .execute(pool)
-        .await
-        .context("releasing an email reservation")?;
-    Ok(())
 }
 
 pub(super) async fn email_owner(

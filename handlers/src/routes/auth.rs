@@ -1,5 +1,6 @@
 //! The auth service: `POST /auth/register`, `POST /auth/login`.
 
+use crate::throttle::ClientAddr;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
@@ -110,6 +111,7 @@ pub async fn register(
                 slug: "email-taken",
                 detail: "an account with this email already exists".to_owned(),
             },
+            RegisterError::Busy => ApiError::hashing_busy(),
             RegisterError::Store(s) => s.into(),
         })?;
     let mut headers = HeaderMap::new();
@@ -140,19 +142,35 @@ pub async fn register(
 #[tracing::instrument(skip_all)]
 pub async fn login(
     State(state): State<AppState>,
+    ClientAddr(client): ClientAddr,
     Json(body): Json<LoginRequest>,
 ) -> Result<Json<TokenResponse>, ApiError> {
     if body.password.len() > Password::MAX_LEN || body.email.len() > 1024 {
         return Err(ApiError::InvalidCredentials);
     }
-    let who = state
+    // Throttled by the canonical email where there is one, so that spellings of one
+    // address share a budget.
+    let account = Email::parse(&body.email)
+        .map(|e| e.as_str().to_owned())
+        .unwrap_or_else(|_| body.email.trim().to_ascii_lowercase());
+    let throttle = &state.login_throttle;
+    throttle.check(&account, client)?;
+    let who = match state
         .accounts
         .authenticate(&body.email, &body.password)
         .await
-        .map_err(|e| match e {
-            LoginError::InvalidCredentials => ApiError::InvalidCredentials,
-            LoginError::Store(s) => s.into(),
-        })?;
+    {
+        Ok(who) => {
+            throttle.succeeded(&account);
+            who
+        }
+        Err(LoginError::InvalidCredentials) => {
+            throttle.failed(&account, client);
+            return Err(ApiError::InvalidCredentials);
+        }
+        Err(LoginError::Busy) => return Err(ApiError::hashing_busy()),
+        Err(LoginError::Store(s)) => return Err(s.into()),
+    };
     let token = state.tokens.issue(who.user_id, who.role)?;
     Ok(Json(TokenResponse {
         access_token: token,

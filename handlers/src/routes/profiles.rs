@@ -159,7 +159,7 @@ pub async fn get_profile(
          headers(("ETag" = String, description = "The profile's new version"))),
         (status = 400, description = "Unreadable JSON or If-Match", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not the owner", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not the owner, or the account is deactivated", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such profile", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "A concurrent write won", body = Problem, content_type = "application/problem+json"),
         (status = 412, description = "If-Match is stale; `ETag` is the current version", body = Problem, content_type = "application/problem+json"),
@@ -179,6 +179,13 @@ pub async fn put_profile(
     if who.user_id != id {
         return Err(ApiError::Forbidden(
             "only the owner may edit a profile".to_owned(),
+        ));
+    }
+    // The token may outlive the account: a deactivated user loses write access at once.
+    let user = state.accounts.users().load(&id.to_string()).await?;
+    if !user.state.active {
+        return Err(ApiError::Forbidden(
+            "this account is deactivated".to_owned(),
         ));
     }
     let expected = match header_str(&headers, header::IF_MATCH)? {
