@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+cargo build --release -p tests --bins
 cargo run --release -p tests --bin bench
+# A burst of 1,000 sign-ins against a real `karmic serve` (load shedding, memory).
+cargo run --release -p tests --bin login_burst

@@ -19,7 +19,7 @@ pub enum RegisterError {
     /// Another account has this email (compared case-insensitively). HTTP 409.
     #[error("an account with this email already exists")]
     EmailTaken,
-    /// Too many password computations queued. HTTP 503 with `Retry-After`.
+    /// Too many password computations queued. HTTP 429 with `Retry-After`.
     #[error("too busy to register now; try again shortly")]
     Busy,
     #[error(transparent)]
@@ -50,7 +50,7 @@ impl From<HashError> for LoginError {
 pub enum LoginError {
     #[error("invalid email or password")]
     InvalidCredentials,
-    /// Too many password computations queued. HTTP 503 with `Retry-After`.
+    /// Too many password computations queued. HTTP 429 with `Retry-After`.
     #[error("too busy to sign in now; try again shortly")]
     Busy,
     #[error(transparent)]

@@ -50,7 +50,7 @@ type Job = Box<dyn FnOnce() + Send>;
 /// Why a password computation did not run.
 #[derive(Debug, thiserror::Error)]
 pub enum HashError {
-    /// The queue is full: the caller should answer "busy, retry shortly" (HTTP 503 with
+    /// The queue is full: the caller should answer "busy, retry shortly" (HTTP 429 with
     /// `Retry-After`) rather than wait behind everyone else.
     #[error("too many password computations queued; try again shortly")]
     Busy,

@@ -44,7 +44,7 @@ pub struct Settings {
     /// 5000): the longest a frozen or killed driver can hold a projection up.
     pub projection_lease: Duration,
     /// Password computations accepted at once, queued and running
-    /// (`KARMIC_HASH_QUEUE`, default 16 per CPU); beyond it sign-ins get 503.
+    /// (`KARMIC_HASH_QUEUE`, default 16 per CPU); beyond it sign-ins get 429.
     pub hash_queue: Option<usize>,
     /// Failed sign-ins allowed per account (`KARMIC_LOGIN_FAILURES_PER_ACCOUNT`, default
     /// 5) and per client address (`KARMIC_LOGIN_FAILURES_PER_CLIENT`, default 20) within

@@ -14,8 +14,9 @@ use axum::response::IntoResponse;
 use utoipa::openapi::header::Header;
 use utoipa::openapi::response::{Response, ResponseBuilder};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::schema::{AnyOfBuilder, Schema};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Type};
-use utoipa::{Modify, OpenApi, ToResponse};
+use utoipa::{Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
 
 use crate::problem::PROBLEM_JSON;
 use crate::routes;
@@ -37,7 +38,7 @@ use crate::routes;
         routes::profiles::put_profile,
     ),
     components(
-        schemas(crate::problem::Problem, crate::problem::FieldError),
+        schemas(crate::problem::Problem, crate::problem::FieldError, IfMatch, IfNoneMatch),
         responses(
             Unauthorized,
             PayloadTooLarge,
@@ -85,7 +86,7 @@ fn problem(description: &str) -> ResponseBuilder {
 }
 
 /// A response header; its schema and `required` are filled in by [`ResponseHeaders`].
-fn header(description: &str) -> Header {
+fn response_header(description: &str) -> Header {
     let mut h = Header::default();
     h.description = Some(description.to_owned());
     h
@@ -99,7 +100,7 @@ macro_rules! problem_response {
         impl<'r> ToResponse<'r> for $name {
             fn response() -> (&'r str, RefOr<Response>) {
                 let r = problem($description)
-                    $(.header($header, header($header_doc)))*
+                    $(.header($header, response_header($header_doc)))*
                     .build();
                 (stringify!($name), r.into())
             }
@@ -145,6 +146,67 @@ problem_response!(
     InternalError,
     "An internal fault (`internal`). The cause is logged, never shown."
 );
+
+/// A version as an entity tag: `"N"` or `W/"N"`, N a u64 (an optional `+`, leading zeros
+/// allowed: it is read with `u64::from_str`).
+fn entity_tag_pattern() -> String {
+    const U64: &str = "0*(?:[0-9]{1,19}|1[0-7][0-9]{18}|18[0-3][0-9]{17}|184[0-3][0-9]{16}\
+        |1844[0-5][0-9]{15}|18446[0-6][0-9]{14}|184467[0-3][0-9]{13}|1844674[0-3][0-9]{12}\
+        |184467440[0-6][0-9]{10}|1844674407[0-2][0-9]{9}|18446744073[0-6][0-9]{8}\
+        |1844674407370[0-8][0-9]{6}|18446744073709[0-4][0-9]{5}|184467440737095[0-4][0-9]{4}\
+        |18446744073709550[0-9]{3}|18446744073709551[0-5][0-9]{2}|1844674407370955160[0-9]\
+        |1844674407370955161[0-5])";
+    format!(r#"(?:W/)?"\+?{U64}""#)
+}
+
+/// `*` or entity tags, as the profile routes read a conditional header: surrounding spaces
+/// and tabs are ignored. The first branch only repeats the most common value on its own.
+fn conditional_header_schema(description: &str, tags: &str) -> RefOr<Schema> {
+    let pattern = format!(r"^[\t ]*(?:\*|{tags})[\t ]*$");
+    let any_of = AnyOfBuilder::new()
+        .description(Some(description))
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some(["*"])),
+        )
+        .item(
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(pattern)),
+        )
+        .build();
+    RefOr::T(Schema::AnyOf(any_of))
+}
+
+/// `If-Match` on `PUT /profiles/{id}`: `*`, or exactly one entity tag.
+pub struct IfMatch;
+
+impl PartialSchema for IfMatch {
+    fn schema() -> RefOr<Schema> {
+        conditional_header_schema(
+            "`*` (any version), or exactly one entity tag `\"N\"` or `W/\"N\"` naming a version.",
+            &entity_tag_pattern(),
+        )
+    }
+}
+
+impl ToSchema for IfMatch {}
+
+/// `If-None-Match` on `GET /profiles/{id}`: `*`, or a comma-separated list of entity tags.
+pub struct IfNoneMatch;
+
+impl PartialSchema for IfNoneMatch {
+    fn schema() -> RefOr<Schema> {
+        let tag = entity_tag_pattern();
+        conditional_header_schema(
+            "`*` (any version), or a comma-separated list of entity tags `\"N\"` or `W/\"N\"`.",
+            &format!(r"{tag}(?:[\t ]*,[\t ]*{tag})*"),
+        )
+    }
+}
+
+impl ToSchema for IfNoneMatch {}
 
 /// Response headers whose value is not always sent: `(path, method, status, header)`.
 /// Every other documented response header is always sent, and is marked `required`.

@@ -24,8 +24,13 @@ pub struct FieldError {
 pub struct Problem {
     /// A stable URI naming the kind of problem; clients switch on this.
     #[serde(rename = "type")]
+    #[schema(
+        example = "https://karmic.dev/problems/validation",
+        pattern = "^https://karmic\\.dev/problems/[a-z-]+$"
+    )]
     pub kind: String,
     pub title: String,
+    #[schema(minimum = 400, maximum = 599)]
     pub status: u16,
     pub detail: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -83,9 +88,12 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The password queue is full: come back in a second.
+    /// The password queue is full: come back in a second. 429 rather than 503: nothing is
+    /// broken, the server is refusing more work of this kind than it can do now (a burst
+    /// of sign-ins is the usual cause), and clients and load balancers treat a 5xx as a
+    /// fault.
     pub fn hashing_busy() -> ApiError {
-        ApiError::Overloaded {
+        ApiError::TooManyRequests {
             detail: "too many sign-ins and registrations in progress; retry shortly".to_owned(),
             retry_after: 1,
         }

@@ -536,9 +536,19 @@ impl PrivateServer {
 
     /// A private Redis (no persistence: a restart comes back empty, like a failed-over node).
     pub async fn redis() -> PrivateServer {
+        Self::redis_keeping_data(false).await
+    }
+
+    /// A Redis that keeps its data across a stop and start (append-only file, fsync on
+    /// every write), so that it comes back holding what it had, stale entries included.
+    pub async fn redis_persistent() -> PrivateServer {
+        Self::redis_keeping_data(true).await
+    }
+
+    async fn redis_keeping_data(persist: bool) -> PrivateServer {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
-        let args = vec![
+        let mut args: Vec<String> = vec![
             "--port".into(),
             port.to_string(),
             "--bind".into(),
@@ -546,10 +556,13 @@ impl PrivateServer {
             "--save".into(),
             String::new(),
             "--appendonly".into(),
-            "no".into(),
+            if persist { "yes" } else { "no" }.into(),
             "--dir".into(),
             dir.path().display().to_string(),
         ];
+        if persist {
+            args.extend(["--appendfsync".into(), "always".into()]);
+        }
         let mut s = PrivateServer {
             port,
             program: "redis-server".into(),

@@ -339,12 +339,63 @@ async fn the_projector_function_catches_everything_up(backend: Backend) {
     assert!(!late.caught_up);
 }
 
+/// Checkpoints never move backwards and never skip another driver's work: a driver whose
+/// lease ran out (frozen, stalled) cannot save over the driver that took over.
+async fn a_driver_that_lost_its_lease_cannot_move_the_checkpoint(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let checkpoints =
+        projections::CheckpointStore::new(&store).with_lease(Duration::from_millis(200));
+    let slow = checkpoints
+        .lock("users", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    // Held: nobody else gets it.
+    assert!(
+        checkpoints
+            .lock("users", Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // The slow driver stalls past its lease; another claims it and moves on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let fast = checkpoints
+        .lock("users", Duration::ZERO)
+        .await
+        .unwrap()
+        .expect("an expired lease is free");
+    let far = Position {
+        transaction_id: 0,
+        position: 10,
+    };
+    assert!(fast.advance_and_release(far).await.unwrap());
+    // The slow one wakes up with its older batch: refused, the checkpoint stays.
+    let near = Position {
+        transaction_id: 0,
+        position: 5,
+    };
+    assert!(!slow.advance_and_release(near).await.unwrap());
+    assert_eq!(checkpoints.load("users").await.unwrap(), far);
+    // A driver that claimed at 10 cannot save from a stale claim either.
+    let again = checkpoints
+        .lock("users", Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.at(), far);
+    checkpoints.save("users", near).await.unwrap(); // an operator's replay
+    assert!(!again.advance_and_release(far).await.unwrap());
+    assert_eq!(checkpoints.load("users").await.unwrap(), near);
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Load shedding and abuse.
 
 /// A burst of sign-ins larger than the password queue: the excess is refused at once
-/// with 503 and `Retry-After`, nothing fails otherwise, and the server stays responsive.
-async fn a_full_password_queue_answers_503_with_retry_after(backend: Backend) {
+/// with 429 and `Retry-After`, and nothing fails otherwise.
+async fn a_full_password_queue_answers_429_with_retry_after(backend: Backend) {
     let app = Arc::new(
         TestApp::spawn_with(backend, |s| {
             s.hash_queue = Some(2);
@@ -371,15 +422,15 @@ async fn a_full_password_queue_answers_503_with_retry_after(backend: Backend) {
     let mut counts: HashMap<u16, usize> = HashMap::new();
     for t in tasks {
         let (status, retry) = t.await.unwrap();
-        if status == 503 {
+        if status == 429 {
             assert_eq!(retry.unwrap(), "1");
         }
         *counts.entry(status).or_default() += 1;
     }
-    assert!(counts.get(&503).copied().unwrap_or(0) > 0, "{counts:?}");
+    assert!(counts.get(&429).copied().unwrap_or(0) > 0, "{counts:?}");
     assert!(counts.get(&200).copied().unwrap_or(0) >= 2, "{counts:?}");
     assert_eq!(
-        counts.keys().filter(|s| ![200, 503].contains(*s)).count(),
+        counts.keys().filter(|s| ![200, 429].contains(*s)).count(),
         0,
         "{counts:?}"
     );
@@ -608,10 +659,11 @@ fn a_lambda_function_without_a_database_url_refuses_to_start() {
 
 on_both_backends!(
     fifty_racing_registrations_of_one_email_make_one_account,
+    a_driver_that_lost_its_lease_cannot_move_the_checkpoint,
     every_pool_size_serves_commands_and_projects,
     no_wait_and_no_background_loop_still_projects,
     the_projector_function_catches_everything_up,
-    a_full_password_queue_answers_503_with_retry_after,
+    a_full_password_queue_answers_429_with_retry_after,
     failed_sign_ins_are_throttled_per_account_and_per_client,
     a_client_over_its_rate_gets_429_with_retry_after,
     a_deactivated_user_cannot_edit_with_an_old_token,

@@ -98,7 +98,10 @@ fn body(resp: &Value) -> Value {
 #[tokio::test]
 async fn the_three_functions_serve_register_login_and_profiles() {
     let db = TestDb::new(Backend::Sqlite).await;
-    let rt = tests::runtime(&db).await;
+    // Ann is the bootstrap admin, so that the users function reads her query strings.
+    let mut settings = db.settings();
+    settings.bootstrap_admin_email = Some("ann@example.com".to_owned());
+    let rt = handlers::Runtime::build(settings).await.unwrap();
     let auth = rt.router(Service::Auth);
     let profiles = rt.router(Service::Profiles);
     let users = rt.router(Service::Users);
@@ -184,7 +187,8 @@ async fn the_three_functions_serve_register_login_and_profiles() {
     assert_eq!(r["statusCode"], 200, "{r}");
     assert_eq!(body(&r)["email"], "ann@example.com");
 
-    // Query strings arrive through rawQueryString.
+    // Query strings arrive through rawQueryString: an out-of-range limit is refused, a
+    // valid one shapes the page (both would be ignored if the query were lost).
     let r = invoke(
         &users,
         event(
@@ -197,7 +201,22 @@ async fn the_three_functions_serve_register_login_and_profiles() {
         ),
     )
     .await;
-    assert_eq!(r["statusCode"], 403, "{r}");
+    assert_eq!(r["statusCode"], 400, "{r}");
+    assert!(body(&r)["detail"].as_str().unwrap().contains("limit"), "{r}");
+    let r = invoke(
+        &users,
+        event(
+            "GET",
+            "/users",
+            &format!("limit=1&cursor={id}"),
+            None,
+            &[("authorization", &bearer)],
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(r["statusCode"], 200, "{r}");
+    assert_eq!(body(&r)["items"].as_array().unwrap().len(), 0, "{r}");
 }
 
 #[tokio::test]

@@ -241,6 +241,71 @@ async fn a_late_old_event_never_reaches_an_expired_cache() {
     assert_eq!(cached.get(id).await.unwrap().unwrap().display_name, "six");
 }
 
+/// Process A wrote v2 to DocumentDB and died before refreshing Redis, which still holds
+/// v1. Process B re-applies the same batch: DocumentDB turns v2 away ("already stored"),
+/// and B must still bring Redis up to v2, or every process (and every near cache) serves
+/// v1 until the TTL and `If-Match: "2"` gets 412.
+#[tokio::test]
+async fn a_reapplied_batch_refreshes_a_cache_another_process_left_stale() {
+    let m = TestMongo::new();
+    let mongo: Arc<dyn ProfileStore> = Arc::new(m.profiles().await);
+    let process = async |near: usize| {
+        let redis = RedisCache::connect(&tests::redis_url(), redis_settings(near))
+            .await
+            .unwrap();
+        CachedProfiles::new(mongo.clone(), Arc::new(redis))
+    };
+    let a = process(0).await;
+    let id = UserId::new_v7();
+    a.upsert_many(&[view(id, 1, "one")]).await.unwrap();
+    assert_eq!(a.get(id).await.unwrap().unwrap().version, 1);
+    // A: DocumentDB takes v2; the Redis refresh never happens (A is gone).
+    assert_eq!(mongo.upsert_many(&[view(id, 2, "two")]).await.unwrap().len(), 1);
+    drop(a);
+    // B re-applies the batch.
+    let b = process(0).await;
+    let stored = b.upsert_many(&[view(id, 2, "two")]).await.unwrap();
+    assert!(stored.is_empty(), "DocumentDB already held v2");
+    // Any process, with or without a near cache, now reads v2.
+    for near in [0, 100] {
+        let c = process(near).await;
+        assert_eq!(c.get(id).await.unwrap().unwrap().version, 2, "near={near}");
+    }
+}
+
+/// With the README's own URL (`readPreference=secondaryPreferred`), the live-collection
+/// pointer and cache fills are read from the primary: a rebuild's switch is seen at once
+/// and every read and fill gives the newest version. (The stand-in is a single server, so
+/// this shows the configuration works end to end; `MongoProfiles::get_fresh` and the
+/// pointer read pin `ReadPreference::Primary` in code.)
+#[tokio::test]
+async fn secondary_preferred_urls_still_read_pointers_and_fills_from_the_primary() {
+    let url = tests::mongodb_url();
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let m = TestMongo::new();
+    let mut settings = m.settings();
+    settings.url = format!("{url}{sep}readPreference=secondaryPreferred");
+    let mongo = projections::mongo::MongoProfiles::connect(&settings)
+        .await
+        .unwrap();
+    mongo.migrate().await.unwrap();
+    let mongo: Arc<dyn ProfileStore> = Arc::new(mongo);
+    let redis = RedisCache::connect(&tests::redis_url(), redis_settings(100))
+        .await
+        .unwrap();
+    let cached = CachedProfiles::new(mongo.clone(), Arc::new(redis));
+    let id = UserId::new_v7();
+    cached.upsert_many(&[view(id, 1, "one")]).await.unwrap();
+    assert_eq!(cached.get(id).await.unwrap().unwrap().version, 1);
+    let target = cached.begin_rebuild().await.unwrap();
+    target.store.upsert(&view(id, 3, "three")).await.unwrap();
+    cached.finish_rebuild(target).await.unwrap();
+    assert_eq!(mongo.get_fresh(id).await.unwrap().unwrap().version, 3);
+    assert_eq!(cached.get(id).await.unwrap().unwrap().version, 3);
+    cached.upsert_many(&[view(id, 4, "four")]).await.unwrap();
+    assert_eq!(cached.get(id).await.unwrap().unwrap().version, 4);
+}
+
 macro_rules! contract {
     ($($adapter:ident => $make:expr),* $(,)?) => {
         $(

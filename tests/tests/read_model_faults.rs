@@ -107,7 +107,8 @@ async fn mongodb_down_commands_succeed_reads_never_lie_and_catch_up_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_down_reads_come_from_documentdb_within_the_timeout() {
     let mongo = PrivateServer::mongo().await;
-    let mut redis = PrivateServer::redis().await;
+    // Redis comes back holding the old entry (not empty), so a missed refresh would show.
+    let mut redis = PrivateServer::redis_persistent().await;
     let app = app_on(&mongo, &redis).await;
     let (a, token) = app.signed_up("a@example.com").await;
     assert_eq!(
@@ -115,6 +116,19 @@ async fn redis_down_reads_come_from_documentdb_within_the_timeout() {
         200
     );
 
+    // Redis holds version 1 and keeps it through the restart.
+    let mut raw = redis::Client::open(redis.redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let kept: String = redis::cmd("GET")
+        .arg(format!("karmic:profile:{a}"))
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(kept.contains("\"version\":1"), "{kept}");
+    drop(raw);
     redis.stop();
     let r = app
         .put_profile(

@@ -11,17 +11,30 @@ use utoipa::ToSchema;
 
 use crate::app::{AppState, RequestMeta};
 use crate::extract::Json;
+use crate::openapi::{InternalError, Overloaded, PayloadTooLarge, TooManyRequests, UnsupportedMediaType};
 use crate::problem::{ApiError, FieldError, Problem};
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterRequest {
-    #[schema(example = "ann@example.com", max_length = 254)]
+    /// An address `local@domain`: at most 254 characters, a dot-atom local part of at most
+    /// 64 (letters, digits and ``!#$%&'*+/=?^_`{|}~.-``), and a domain of two or more
+    /// labels (letters, digits, inner hyphens; at most 63 each). Surrounding whitespace is
+    /// ignored; it is stored lower-cased.
+    #[schema(
+        example = "ann@example.com",
+        pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*(?![^\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]{255})(?![^@]{65})[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
+    )]
     pub email: String,
-    /// At least 10 characters.
+    /// 10 to 1024 characters, and at most 1024 bytes as UTF-8. Taken as typed: not trimmed.
     #[schema(min_length = 10, max_length = 1024)]
     pub password: String,
-    #[schema(example = "Ann Lee", min_length = 1, max_length = 100)]
+    /// 1 to 100 characters once surrounding whitespace is trimmed, with no control
+    /// characters.
+    #[schema(
+        example = "Ann Lee",
+        pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]{0,98}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
+    )]
     pub display_name: String,
 }
 
@@ -35,7 +48,10 @@ pub struct RegisterResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
+    /// Any spelling of the registered address (case and surrounding whitespace are ignored).
+    #[schema(example = "ann@example.com")]
     pub email: String,
+    /// Anything is read; a wrong password, or one over 1024 bytes, is answered 401.
     pub password: String,
 }
 
@@ -80,10 +96,17 @@ impl Validator {
     post, path = "/auth/register", tag = "auth",
     request_body = RegisterRequest,
     responses(
-        (status = 201, description = "Registered", body = RegisterResponse),
-        (status = 400, description = "Unreadable JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Email already registered", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 201, description = "Registered; `Location` names the new user", body = RegisterResponse,
+         headers(("Location", description = "`/users/{id}` of the new user"))),
+        (status = 400, description = "The body is not JSON (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "An account with this email exists (`email-taken`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, description = "JSON of the wrong shape (missing or unknown fields, wrong types), or invalid \
+            field values; `errors` names each field (`validation`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Overloaded),
     )
 )]
 #[tracing::instrument(skip_all)]
@@ -135,8 +158,14 @@ pub async fn register(
     request_body = LoginRequest,
     responses(
         (status = 200, description = "Signed in", body = TokenResponse),
-        (status = 400, description = "Unreadable JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Wrong email or password (indistinguishable)", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The body is not JSON (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Wrong email or password, indistinguishably (`invalid-credentials`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, description = "JSON of the wrong shape: missing or unknown fields, wrong types (`validation`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Overloaded),
     )
 )]
 #[tracing::instrument(skip_all)]

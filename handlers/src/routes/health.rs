@@ -7,14 +7,19 @@ use utoipa::ToSchema;
 
 use crate::app::AppState;
 use crate::extract::Json;
+use crate::openapi::{InternalError, TooManyRequests};
+use crate::problem::Problem;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// `ok` or `degraded`.
+    #[schema(pattern = "^(ok|degraded)$")]
     pub status: String,
     /// The event store: `ok` or `unreachable`.
+    #[schema(pattern = "^(ok|unreachable)$")]
     pub event_store: String,
     /// `postgres` or `sqlite`.
+    #[schema(pattern = "^(postgres|sqlite)$")]
     pub backend: String,
     pub version: String,
 }
@@ -24,7 +29,15 @@ pub struct Health {
     get, path = "/health", tag = "health",
     responses(
         (status = 200, description = "Healthy", body = Health),
-        (status = 503, description = "The event store is unreachable", body = Health),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, description = "The event store is unreachable (a `Health` document), or the request ran \
+            longer than `KARMIC_REQUEST_TIMEOUT_MS` (a problem document, `overloaded`, with `Retry-After`)",
+         content(
+            (Health = "application/json"),
+            (Problem = "application/problem+json"),
+         ),
+         headers(("Retry-After", description = "Seconds to wait before retrying; sent when overloaded"))),
     )
 )]
 pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {

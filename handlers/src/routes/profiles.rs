@@ -17,6 +17,10 @@ use utoipa::ToSchema;
 use crate::app::{AppState, RequestMeta};
 use crate::auth::AuthUser;
 use crate::extract::{Json, Path};
+use crate::openapi::{
+    IfMatch, IfNoneMatch, InternalError, Overloaded, PayloadTooLarge, TooManyRequests,
+    Unauthorized, UnsupportedMediaType,
+};
 use crate::problem::{ApiError, Problem};
 use crate::routes::auth::Validator;
 
@@ -57,15 +61,40 @@ impl From<ProfileView> for ProfileResponse {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateProfileRequest {
-    #[schema(min_length = 1, max_length = 100)]
+    /// 1 to 100 characters once surrounding whitespace is trimmed, with no control
+    /// characters.
+    #[schema(
+        example = "Ann Lee",
+        pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]{0,98}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
+    )]
     pub display_name: String,
-    #[schema(max_length = 2000)]
+    /// At most 2,000 characters once surrounding whitespace is trimmed; line breaks and tabs
+    /// are the only control characters allowed. Empty clears it.
+    #[schema(
+        pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*(?:[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]{0,1998}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
+    )]
     pub bio: Option<String>,
-    /// An absolute http(s) URL.
+    /// An absolute http(s) URL without credentials, at most 2048 bytes. The pattern is the
+    /// portable form (ASCII host name, optional port, any printable ASCII after it); the
+    /// server reads any URL the WHATWG URL parser takes as http(s) with a host.
+    #[schema(
+        max_length = 2048,
+        example = "https://cdn.example.com/ann.png",
+        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:[/?#][!-~]*)?$"#
+    )]
     pub avatar_url: Option<String>,
-    #[schema(max_length = 100)]
+    /// At most 100 characters once surrounding whitespace is trimmed, with no control
+    /// characters. Empty clears it.
+    #[schema(
+        pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*(?:[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u001f\u007f-\u009f]{0,98}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
+    )]
     pub location: Option<String>,
-    /// An absolute http(s) URL.
+    /// An absolute http(s) URL, as `avatar_url`.
+    #[schema(
+        max_length = 2048,
+        example = "https://ann.example.com/",
+        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:[/?#][!-~]*)?$"#
+    )]
     pub website: Option<String>,
 }
 
@@ -109,15 +138,28 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&s
 /// Read a profile.
 #[utoipa::path(
     get, path = "/profiles/{id}", tag = "profiles",
-    params(("id" = uuid::Uuid, Path, description = "User id")),
+    params(
+        ("id" = String, Path, description = "User id: a UUID (hyphenated, simple, braced or `urn:uuid:` form)",
+            pattern = r#"^(?:[0-9A-Fa-f]{32}|(?:[Uu][Rr][Nn]:[Uu][Uu][Ii][Dd]:)?[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\})$"#),
+        ("If-None-Match" = Option<IfNoneMatch>, Header, nullable = false,
+            description = "`*` or a comma-separated list of entity tags (`\"N\"` or `W/\"N\"`, N a version); \
+            304 if the profile's version is among them"),
+    ),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The profile; `ETag` is its version", body = ProfileResponse,
-         headers(("ETag" = String, description = "The profile's version"))),
-        (status = 304, description = "Not modified (If-None-Match)"),
-        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such profile", body = Problem, content_type = "application/problem+json"),
+         headers(("ETag", description = "The profile's version"))),
+        (status = 304, description = "Not modified: `If-None-Match` names the current version",
+         headers(("ETag", description = "The profile's version"))),
+        (status = 400, description = "The id is not a UUID, or `If-None-Match` is malformed (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, response = Unauthorized),
+        (status = 404, description = "No such profile (`not-found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, description = "Overloaded (`overloaded`, with `Retry-After`): the request ran longer than \
+            `KARMIC_REQUEST_TIMEOUT_MS`; or the profile read model is unavailable (`unavailable`)",
+         body = Problem, content_type = "application/problem+json",
+         headers(("Retry-After", description = "Seconds to wait before retrying; sent when overloaded"))),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, profile_id = %id))]
@@ -149,21 +191,32 @@ pub async fn get_profile(
 #[utoipa::path(
     put, path = "/profiles/{id}", tag = "profiles",
     params(
-        ("id" = uuid::Uuid, Path, description = "User id"),
-        ("If-Match" = Option<String>, Header, description = "The ETag last read; a stale one gives 412"),
+        ("id" = String, Path, description = "User id: a UUID (hyphenated, simple, braced or `urn:uuid:` form)",
+            pattern = r#"^(?:[0-9A-Fa-f]{32}|(?:[Uu][Rr][Nn]:[Uu][Uu][Ii][Dd]:)?[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\})$"#),
+        ("If-Match" = Option<IfMatch>, Header, nullable = false,
+            description = "The `ETag` last read (`\"N\"` or `W/\"N\"`, exactly one), or `*`; a stale one gives 412. \
+            Without it the write is unconditional"),
     ),
     request_body = UpdateProfileRequest,
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Updated; `ETag` is the new version", body = ProfileResponse,
-         headers(("ETag" = String, description = "The profile's new version"))),
-        (status = 400, description = "Unreadable JSON or If-Match", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not the owner, or the account is deactivated", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such profile", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A concurrent write won", body = Problem, content_type = "application/problem+json"),
-        (status = 412, description = "If-Match is stale; `ETag` is the current version", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+         headers(("ETag", description = "The profile's new version"))),
+        (status = 400, description = "The body is not JSON, the id is not a UUID, or `If-Match` is malformed \
+            (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "Not the owner, or the account is deactivated (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such profile (`not-found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another write to this profile was saved at the same time (`write-conflict`)", body = Problem, content_type = "application/problem+json"),
+        (status = 412, description = "`If-Match` names an old version (`precondition-failed`); `ETag` is the current one", body = Problem, content_type = "application/problem+json",
+         headers(("ETag", description = "The profile's current version"))),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, description = "JSON of the wrong shape (missing or unknown fields, wrong types), or invalid \
+            field values; `errors` names each field (`validation`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Overloaded),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, profile_id = %id))]

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 use crate::app::AppState;
 use crate::auth::AuthUser;
 use crate::extract::{Json, Path, Query};
+use crate::openapi::{InternalError, Overloaded, TooManyRequests, Unauthorized};
 use crate::problem::{ApiError, Problem};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
@@ -17,6 +18,7 @@ pub struct UserResponse {
     pub user_id: uuid::Uuid,
     pub email: String,
     /// `user` or `admin`.
+    #[schema(value_type = String, pattern = "^(user|admin)$")]
     pub role: String,
     pub active: bool,
     pub registered_at: DateTime<Utc>,
@@ -39,7 +41,8 @@ impl From<UserView> for UserResponse {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct UserPage {
     pub items: Vec<UserResponse>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; `null` on the last page.
+    #[schema(value_type = Option<uuid::Uuid>)]
     pub next_cursor: Option<String>,
 }
 
@@ -47,8 +50,11 @@ pub struct UserPage {
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Page size, 1 to 200 (default 50).
+    #[param(minimum = 1, maximum = 200, default = 50)]
     pub limit: Option<i64>,
-    /// `next_cursor` from the previous page.
+    /// `next_cursor` from the previous page: a user id (UUID; hyphenated, simple, braced or
+    /// `urn:uuid:` form). The page starts after that user.
+    #[param(pattern = r#"^(?:[0-9A-Fa-f]{32}|(?:[Uu][Rr][Nn]:[Uu][Uu][Ii][Dd]:)?[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\})$"#)]
     pub cursor: Option<String>,
 }
 
@@ -76,10 +82,14 @@ async fn require_admin(state: &AppState, who: &AuthUser) -> Result<(), ApiError>
     params(ListParams),
     security(("bearer" = [])),
     responses(
-        (status = 200, description = "A page of users", body = UserPage),
-        (status = 400, description = "Bad limit or cursor", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Not an admin", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A page of users, in registration order", body = UserPage),
+        (status = 400, description = "`limit` is not an integer from 1 to 200, `cursor` is not a UUID, or a \
+            parameter is repeated (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "Not an active admin (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Overloaded),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty))]
@@ -116,14 +126,18 @@ pub async fn list_users(
 /// One user (that user or an admin).
 #[utoipa::path(
     get, path = "/users/{id}", tag = "users",
-    params(("id" = uuid::Uuid, Path, description = "User id")),
+    params(("id" = String, Path, description = "User id: a UUID (hyphenated, simple, braced or `urn:uuid:` form)",
+        pattern = r#"^(?:[0-9A-Fa-f]{32}|(?:[Uu][Rr][Nn]:[Uu][Uu][Ii][Dd]:)?[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}|\{[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}\})$"#)),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The user", body = UserResponse),
-        (status = 400, description = "Malformed id", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "No valid token", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Another user, and not an admin", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such user", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The id is not a UUID (`bad-request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, response = Unauthorized),
+        (status = 403, description = "Another user's, and the caller is not an active admin (`forbidden`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such user (`not-found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = InternalError),
+        (status = 503, response = Overloaded),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, target_id = %id))]
