@@ -17,6 +17,7 @@
 #   KARMIC_BIN                 a prebuilt karmic binary (default: cargo build, target/debug)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$PWD
 
 ST_VERSION=4.32.5
 PY=${PYTHON:-python3}
@@ -99,13 +100,16 @@ cmd=("$PY" -m schemathesis.cli run "$base/openapi.json"
   --max-time "$MAX_TIME"
   --workers "$WORKERS"
   --request-timeout 20
+  --baseline "$root/scripts/schemathesis-baseline.json"
   "${seed_args[@]}"
   --no-color
   --header "Authorization: Bearer ${token}")
 log "running: ${cmd[*]/${token}/<token>}"
 start=$(date +%s)
 status=0
-"${cmd[@]}" || status=$?
+# Run from the scratch directory: schemathesis keeps a cache (.schemathesis/) in its working
+# directory, and every run should start clean.
+(cd "$work" && "${cmd[@]}") || status=$?
 log "schemathesis finished in $(( $(date +%s) - start )) s with exit code ${status}"
 if [ "$status" -ne 0 ] && [ -s "$work/server.log" ]; then
   log "server log (warnings and errors):"

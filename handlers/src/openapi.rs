@@ -13,8 +13,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use utoipa::openapi::header::Header;
 use utoipa::openapi::response::{Response, ResponseBuilder};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::schema::{AnyOfBuilder, Schema};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, ObjectBuilder, Ref, RefOr, Type};
 use utoipa::{Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
 
@@ -23,11 +23,11 @@ use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Karmic API", description = "Accounts, users and profiles. Errors are application/problem+json (RFC 9457); \
-        their `type` is `https://karmic.dev/problems/<slug>`.\n\n\
-        Every operation may answer 429 when a client exceeds its request rate (`karmic serve`; in AWS, API Gateway \
-        throttles), 503 with `Retry-After` when a request runs longer than `KARMIC_REQUEST_TIMEOUT_MS`, and 500 \
-        on an internal fault."),
+    info(title = "Karmic API", description = "Accounts, users and profiles. Errors are \
+        application/problem+json (RFC 9457); their `type` is `https://karmic.dev/problems/<slug>`.\n\n\
+        Every operation may answer 429 with `Retry-After` when a client exceeds its request rate \
+        (`karmic serve`; in AWS, API Gateway throttles), 503 with `Retry-After` when a request runs \
+        longer than `KARMIC_REQUEST_TIMEOUT_MS`, and 500 on an internal fault."),
     paths(
         routes::health::health,
         routes::auth::register,
@@ -126,19 +126,21 @@ problem_response!(
      (or another `+json` type) (`unsupported-media-type`)."
 );
 problem_response!(
-    /// 429 from the per-client rate limit (and, on sign-in, the failed sign-in limit).
+    /// 429 from the per-client rate limit, and on sign-in and registration from the failed
+    /// sign-in limit and the password-hashing queue.
     TooManyRequests,
     "Too many requests (`too-many-requests`): this client exceeded `KARMIC_RATE_LIMIT_PER_SEC` requests per \
-     second (burst `KARMIC_RATE_LIMIT_BURST`; `karmic serve` only: in AWS, API Gateway throttles), or, on \
-     `POST /auth/login`, there were too many failed sign-ins for the account or from the client. Retry after \
-     `Retry-After` seconds.",
+     second (burst `KARMIC_RATE_LIMIT_BURST`; `karmic serve` only: in AWS, API Gateway throttles); on \
+     `POST /auth/login`, there were too many failed sign-ins for the account or from the client; on \
+     `POST /auth/login` and `POST /auth/register`, too many sign-ins and registrations are in progress (the \
+     password-hashing queue is full). Retry after `Retry-After` seconds.",
     "Retry-After" => "Seconds to wait before retrying."
 );
 problem_response!(
-    /// 503 from load shedding.
+    /// 503 from the request timeout.
     Overloaded,
-    "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS`, or, on sign-in and \
-     registration, the password-hashing queue is full. Retry after `Retry-After` seconds.",
+    "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS` (default 10 s). \
+     Retry after `Retry-After` seconds.",
     "Retry-After" => "Seconds to wait before retrying."
 );
 problem_response!(

@@ -11,7 +11,9 @@ use utoipa::ToSchema;
 
 use crate::app::{AppState, RequestMeta};
 use crate::extract::Json;
-use crate::openapi::{InternalError, Overloaded, PayloadTooLarge, TooManyRequests, UnsupportedMediaType};
+use crate::openapi::{
+    InternalError, Overloaded, PayloadTooLarge, TooManyRequests, UnsupportedMediaType,
+};
 use crate::problem::{ApiError, FieldError, Problem};
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -74,13 +74,16 @@ pub struct UpdateProfileRequest {
         pattern = r#"^[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*(?:[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[^\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]{0,1998}[^\u0000-\u0020\u007f-\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?)?[\t-\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"#
     )]
     pub bio: Option<String>,
-    /// An absolute http(s) URL without credentials, at most 2048 bytes. The pattern is the
-    /// portable form (ASCII host name, optional port, any printable ASCII after it); the
-    /// server reads any URL the WHATWG URL parser takes as http(s) with a host.
+    /// An absolute http(s) URL without credentials, at most 2048 bytes, as read by the WHATWG
+    /// URL parser (so `http:example.com` and backslashes are accepted too). The pattern covers
+    /// printable-ASCII URLs with a domain or dotted-decimal IPv4 host; the server also accepts
+    /// other IPv4 notations, IPv6, percent-encoded and international (IDNA) host names,
+    /// non-ASCII paths, surrounding whitespace and control characters, and tabs and newlines
+    /// anywhere (the parser drops them).
     #[schema(
         max_length = 2048,
         example = "https://cdn.example.com/ann.png",
-        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:[/?#][!-~]*)?$"#
+        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?:[/\\]*(?::?@)?(?:(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.?(?![^:/\\?#])|(?:(?![Xx][Nn]--)[!"$&'()*+,\-0-9;=A-Z_`a-z{}~]*\.)*(?:(?!(?:[0-9]+|0[Xx][0-9A-Fa-f]*)\.?(?![^:/\\?#]))(?![Xx][Nn]--)[!"$&'()*+,\-0-9;=A-Z_`a-z{}~]+\.?|\.))(?::(?:0*(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?)?(?:[/\\?#][!-~]*)?$"#
     )]
     pub avatar_url: Option<String>,
     /// At most 100 characters once surrounding whitespace is trimmed, with no control
@@ -93,7 +96,7 @@ pub struct UpdateProfileRequest {
     #[schema(
         max_length = 2048,
         example = "https://ann.example.com/",
-        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?://(?:[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\.)*[A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*(?::(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?(?:[/?#][!-~]*)?$"#
+        pattern = r#"^[Hh][Tt][Tt][Pp][Ss]?:[/\\]*(?::?@)?(?:(?:(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.?(?![^:/\\?#])|(?:(?![Xx][Nn]--)[!"$&'()*+,\-0-9;=A-Z_`a-z{}~]*\.)*(?:(?!(?:[0-9]+|0[Xx][0-9A-Fa-f]*)\.?(?![^:/\\?#]))(?![Xx][Nn]--)[!"$&'()*+,\-0-9;=A-Z_`a-z{}~]+\.?|\.))(?::(?:0*(?:[0-9]{1,4}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?)?(?:[/\\?#][!-~]*)?$"#
     )]
     pub website: Option<String>,
 }
