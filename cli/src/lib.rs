@@ -82,7 +82,11 @@ async fn projections(settings: Settings, command: ProjectionsCommand) -> Result<
     let mut out = std::io::stdout().lock();
     match command {
         ProjectionsCommand::CatchUp => {
-            let report = rt.projector.catch_up().await?;
+            // Everything committed before the command, once the feed can show it.
+            let report = rt
+                .projector
+                .catch_up_through_now(std::time::Duration::from_secs(5))
+                .await?;
             for (name, n) in &report.applied {
                 writeln!(out, "{name}: applied {n} events")?;
             }

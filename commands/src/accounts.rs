@@ -155,9 +155,11 @@ impl Accounts {
             grant_admin,
         };
         let meta = with_actor(meta, user_id);
+        // `Some(0)`: the aggregate must be new, and a refusal by the email's row is final
+        // (not a race to decide again).
         if let Err(e) = self
             .users
-            .execute(&user_id.to_string(), command, &(), None, &meta)
+            .execute(&user_id.to_string(), command, &(), Some(0), &meta)
             .await
         {
             // Either the email's row refused the append (another account has it), or the

@@ -96,6 +96,22 @@ const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// comes; a pass still running then is cancelled (safe at any point).
 pub async fn project_until(projector: &Projector, deadline: SystemTime) -> ProjectorRun {
     let mut run = ProjectorRun::default();
+    // Everything committed before the invocation is projected by it: wait (within the
+    // budget) until the gap-safe feed can show all of it.
+    let left = deadline
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .saturating_sub(DEADLINE_MARGIN);
+    if left.is_zero() {
+        return run;
+    }
+    if let Err(e) = projector
+        .wait_until_feed_shows_now(left.min(Duration::from_secs(5)))
+        .await
+    {
+        run.failed.insert("*".to_owned(), format!("{e:#}"));
+        return run;
+    }
     loop {
         let left = deadline
             .duration_since(SystemTime::now())

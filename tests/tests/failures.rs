@@ -394,7 +394,7 @@ async fn rebuilding_users_beside_a_busy_server_loses_nothing() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let (ok, _, err) = cli(&db, &["projections", "rebuild", "users"], &[]);
         assert!(ok, "{err}");
     }

@@ -202,7 +202,10 @@ async fn the_three_functions_serve_register_login_and_profiles() {
     )
     .await;
     assert_eq!(r["statusCode"], 400, "{r}");
-    assert!(body(&r)["detail"].as_str().unwrap().contains("limit"), "{r}");
+    assert!(
+        body(&r)["detail"].as_str().unwrap().contains("limit"),
+        "{r}"
+    );
     let r = invoke(
         &users,
         event(

@@ -260,7 +260,14 @@ async fn a_reapplied_batch_refreshes_a_cache_another_process_left_stale() {
     a.upsert_many(&[view(id, 1, "one")]).await.unwrap();
     assert_eq!(a.get(id).await.unwrap().unwrap().version, 1);
     // A: DocumentDB takes v2; the Redis refresh never happens (A is gone).
-    assert_eq!(mongo.upsert_many(&[view(id, 2, "two")]).await.unwrap().len(), 1);
+    assert_eq!(
+        mongo
+            .upsert_many(&[view(id, 2, "two")])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
     drop(a);
     // B re-applies the batch.
     let b = process(0).await;

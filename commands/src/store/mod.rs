@@ -247,7 +247,15 @@ enum Inner<A: Aggregate> {
 pub struct AggregateStore<A: Aggregate> {
     inner: Arc<Inner<A>>,
     cache: Arc<std::sync::Mutex<HashMap<String, (A, u64)>>>,
+    /// One writer per aggregate in this process at a time: writers of one aggregate queue
+    /// here instead of racing each other to the store (and losing), so an optimistic
+    /// conflict can only come from another process.
+    writers: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
 }
+
+/// How many times a command without a precondition is decided again after losing a
+/// write race to another process, before the caller gets `Conflict`.
+const UNCONDITIONAL_RETRIES: u32 = 8;
 
 /// How many aggregates of one type the in-memory cache keeps.
 const AGGREGATE_CACHE_ENTRIES: usize = 10_000;
@@ -257,6 +265,7 @@ impl<A: Aggregate> Clone for AggregateStore<A> {
         AggregateStore {
             inner: self.inner.clone(),
             cache: self.cache.clone(),
+            writers: self.writers.clone(),
         }
     }
 }
@@ -302,6 +311,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         AggregateStore {
             inner: Arc::new(inner),
             cache: Arc::default(),
+            writers: Arc::default(),
         }
     }
 
@@ -364,8 +374,18 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     }
 
     /// Load, decide, append. `expected` is the version the caller last saw (`If-Match`);
-    /// when given and different, nothing is written. Two writers at one version: exactly one
-    /// commits, the other gets `CommandError::Conflict`.
+    /// when given and different, nothing is written (`StaleVersion`), and losing a write
+    /// race gives `Conflict`.
+    ///
+    /// A command without `expected` means "whatever the version": when another process
+    /// wins the race it is decided again on the fresh state and appended again, up to
+    /// [`UNCONDITIONAL_RETRIES`] times with jitter, before `Conflict`. Writers of one
+    /// aggregate in this process queue for it rather than race.
+    ///
+    /// The decision is first made on the cached state, without reading the store: the
+    /// append at the next sequence succeeds only if no event was recorded since, so a
+    /// success proves the state was current. A conflict, a refusal or a no-op decided on the
+    /// cached state is decided again on a fresh load before it is answered.
     pub async fn execute(
         &self,
         id: &str,
@@ -376,17 +396,99 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     ) -> Result<Committed, CommandError<A::Error>>
     where
         A: Clone,
+        A::Command: Clone,
     {
-        // Always read what was appended since the cached state (one small query): using a
-        // possibly stale state would turn other processes' earlier writes into conflicts.
-        let l = self.load(id).await?;
-        let (committed, state) = self
-            .execute_with(id, l.state, l.version, command, services, expected, meta)
-            .await?;
-        if committed.events > 0 {
-            self.remember(id, state, committed.version);
+        let lock = self.writer_lock(id);
+        let result = {
+            let _turn = lock.lock().await;
+            self.execute_in_turn(id, command, services, expected, meta)
+                .await
+        };
+        self.forget_writer_lock(id, &lock);
+        result
+    }
+
+    fn writer_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        match self.writers.lock() {
+            Ok(mut m) => m.entry(id.to_owned()).or_default().clone(),
+            // A poisoned table only costs the in-process queueing.
+            Err(_) => Arc::default(),
         }
-        Ok(committed)
+    }
+
+    fn forget_writer_lock(&self, id: &str, lock: &Arc<tokio::sync::Mutex<()>>) {
+        if let Ok(mut m) = self.writers.lock()
+            && m.get(id).is_some_and(|l| Arc::ptr_eq(l, lock))
+            && Arc::strong_count(lock) <= 2
+        {
+            m.remove(id);
+        }
+    }
+
+    async fn execute_in_turn(
+        &self,
+        id: &str,
+        command: A::Command,
+        services: &A::Services,
+        expected: Option<u64>,
+        meta: &CommandMeta,
+    ) -> Result<Committed, CommandError<A::Error>>
+    where
+        A: Clone,
+        A::Command: Clone,
+    {
+        let mut retries = 0u32;
+        let mut use_cache = true;
+        loop {
+            let cached = if use_cache { self.cached(id) } else { None };
+            let from_cache = cached.is_some();
+            let (state, version) = match cached {
+                Some(c) => c,
+                None => {
+                    let l = self.load(id).await?;
+                    (l.state, l.version)
+                }
+            };
+            let outcome = self
+                .execute_with(
+                    id,
+                    state,
+                    version,
+                    command.clone(),
+                    services,
+                    expected,
+                    meta,
+                )
+                .await;
+            match outcome {
+                Ok((committed, state)) if committed.events > 0 => {
+                    self.remember(id, state, committed.version);
+                    return Ok(committed);
+                }
+                // Decided on a cached state that may be old: decide again on a fresh one.
+                Ok(_)
+                | Err(CommandError::Rejected(_))
+                | Err(CommandError::StaleVersion { .. })
+                | Err(CommandError::Conflict)
+                    if from_cache =>
+                {
+                    use_cache = false;
+                }
+                Err(CommandError::Conflict) if expected.is_none() => {
+                    if retries >= UNCONDITIONAL_RETRIES {
+                        return Err(CommandError::Conflict);
+                    }
+                    retries += 1;
+                    // Another process is writing this aggregate: back off a little, by a
+                    // random amount, so that the racers spread out.
+                    let cap = 1u64 << retries.min(5);
+                    let pause = rand::random_range(0..=cap * 1000);
+                    tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+                    use_cache = false;
+                }
+                other => return other.map(|(c, _)| c),
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -43,5 +43,7 @@ async fn main() {
         vec![Arc::new(Stuck)],
         ProjectorSettings::default(),
     );
-    let _ = projector.catch_up().await;
+    let _ = projector
+        .catch_up_through_now(Duration::from_secs(10))
+        .await;
 }
