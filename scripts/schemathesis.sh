@@ -32,7 +32,7 @@ log() { printf '[schemathesis] %s\n' "$*" >&2; }
 installed=$("$PY" -c 'import importlib.metadata as m; print(m.version("schemathesis"))' 2>/dev/null || true)
 if [ "$installed" != "$ST_VERSION" ]; then
   log "installing schemathesis ${ST_VERSION} (found: ${installed:-none})"
-  pip_flags=(--quiet --disable-pip-version-check)
+  pip_flags=(--quiet --disable-pip-version-check --root-user-action=ignore)
   # Debian's own python3 refuses pip installs (PEP 668) unless told; pyenv's does not.
   if [ -e "$("$PY" -c 'import sysconfig; print(sysconfig.get_path("stdlib"))')/EXTERNALLY-MANAGED" ]; then
     pip_flags+=(--break-system-packages)
@@ -55,7 +55,8 @@ cleanup() {
   fi
   rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:${port}"
@@ -75,17 +76,23 @@ env KARMIC_DATA_DIR="$work/data" \
   "$KARMIC_BIN" serve >"$work/server.log" 2>&1 &
 server_pid=$!
 
-for _ in $(seq 1 100); do
+for _ in $(seq 1 300); do
   curl -fsS -o /dev/null "$base/health" 2>/dev/null && break
   kill -0 "$server_pid" 2>/dev/null || { log "karmic serve exited:"; cat "$work/server.log" >&2; exit 1; }
   sleep 0.1
 done
 curl -fsS -o /dev/null "$base/health" || { log "karmic serve did not come up:"; cat "$work/server.log" >&2; exit 1; }
 
-# --- an account and its token ---------------------------------------------------------
-curl -fsS -o /dev/null -H 'Content-Type: application/json' \
-  -d "{\"email\":\"${admin_email}\",\"password\":\"${password}\",\"display_name\":\"Fuzz Admin\"}" \
-  "$base/auth/register"
+# --- accounts and a token --------------------------------------------------------------
+register() {
+  curl -fsS -o /dev/null -H 'Content-Type: application/json' \
+    -d "{\"email\":\"$1\",\"password\":\"$2\",\"display_name\":\"$3\"}" "$base/auth/register"
+}
+# The admin whose token the run uses: every operation is reachable with it.
+register "$admin_email" "$password" "Fuzz Admin"
+# The account in the document's examples, so the example sign-in succeeds and its response
+# is checked too.
+register "ann@example.com" "correct horse battery staple" "Ann Lee"
 token=$(curl -fsS -H 'Content-Type: application/json' \
   -d "{\"email\":\"${admin_email}\",\"password\":\"${password}\"}" \
   "$base/auth/login" | "$PY" -c 'import json, sys; print(json.load(sys.stdin)["access_token"])')

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use crate::error::{CommandError, StoreError};
 use crate::password::{HashError, PasswordHasher};
-use crate::store::{AggregateStore, Database};
+use crate::store::{AggregateStore, Database, Written};
 use crate::{AfterCommit, CommandMeta};
 
 /// Why a registration did not happen.
@@ -157,39 +157,52 @@ impl Accounts {
         let meta = with_actor(meta, user_id);
         // `Some(0)`: the aggregate must be new, and a refusal by the email's row is final
         // (not a race to decide again).
-        if let Err(e) = self
+        let written = match self
             .users
             .execute(&user_id.to_string(), command, &(), Some(0), &meta)
             .await
         {
-            // Either the email's row refused the append (another account has it), or the
-            // store failed, possibly after committing (a lost COMMIT acknowledgement). The
-            // email's row, written in the same transaction, tells which.
-            match self.db.email_owner(&email).await {
-                Ok(Some(owner)) if owner == user_id => {
-                    warn!(%user_id, error = %e, "the append reported an error but committed");
-                }
-                Ok(Some(_)) => return Err(RegisterError::EmailTaken),
-                Ok(None) | Err(_) => {
-                    return Err(match e {
-                        CommandError::Store(s) => RegisterError::Store(s),
-                        other => RegisterError::Store(StoreError::msg(other)),
-                    });
+            Ok(c) => c.written,
+            Err(e) => {
+                // Either the email's row refused the append (another account has it), or the
+                // store failed, possibly after committing (a lost COMMIT acknowledgement). The
+                // email's row, written in the same transaction, tells which.
+                match self.db.email_owner(&email).await {
+                    Ok(Some(owner)) if owner == user_id => {
+                        warn!(%user_id, error = %e, "the append reported an error but committed");
+                        // Where it went is unknown: the read-your-writes wait falls back
+                        // to the feed's horizon.
+                        Written {
+                            at: None,
+                            events: vec![("user".to_owned(), "UserRegistered".to_owned())],
+                        }
+                    }
+                    Ok(Some(_)) => return Err(RegisterError::EmailTaken),
+                    Ok(None) | Err(_) => {
+                        return Err(match e {
+                            CommandError::Store(s) => RegisterError::Store(s),
+                            other => RegisterError::Store(StoreError::msg(other)),
+                        });
+                    }
                 }
             }
-        }
+        };
         if grant_admin {
             info!(%user_id, "bootstrap admin registered and granted the admin role");
         }
         // The profile provisioner projection would open the profile anyway; doing it here
         // makes it visible at once.
-        if let Err(e) = self
+        let written = match self
             .open_profile(user_id, display_name.clone(), &meta)
             .await
         {
-            warn!(error = %e, "opening the profile failed; the provisioner will retry");
-        }
-        self.after_commit.committed().await;
+            Ok(profile) => written.and(&profile),
+            Err(e) => {
+                warn!(error = %e, "opening the profile failed; the provisioner will retry");
+                written
+            }
+        };
+        self.after_commit.committed(&written).await;
         Ok(Registered {
             user_id,
             email,
@@ -199,13 +212,13 @@ impl Accounts {
     }
 
     /// Open a user's profile unless it exists. Idempotent; used by registration and by the
-    /// profile provisioner projection.
+    /// profile provisioner projection. Returns what it wrote (nothing if it existed).
     pub async fn open_profile(
         &self,
         user_id: UserId,
         display_name: DisplayName,
         meta: &CommandMeta,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Written, StoreError> {
         let command = ProfileCommand::Create {
             user_id,
             display_name,
@@ -215,9 +228,9 @@ impl Accounts {
             .execute(&user_id.to_string(), command, &(), None, meta)
             .await
         {
-            Ok(_)
-            | Err(CommandError::Rejected(ProfileError::AlreadyExists))
-            | Err(CommandError::Conflict) => Ok(()),
+            Ok(c) => Ok(c.written),
+            Err(CommandError::Rejected(ProfileError::AlreadyExists))
+            | Err(CommandError::Conflict) => Ok(Written::default()),
             Err(CommandError::Store(e)) => Err(e),
             Err(other) => Err(StoreError::msg(other)),
         }
@@ -296,8 +309,10 @@ impl Accounts {
                 .execute(&user_id.to_string(), command.clone(), &(), None, meta)
                 .await
             {
-                Ok(_) => {
-                    self.after_commit.committed().await;
+                Ok(c) => {
+                    if c.events > 0 {
+                        self.after_commit.committed(&c.written).await;
+                    }
                     return Ok(user_id);
                 }
                 Err(CommandError::Conflict) => continue,

@@ -13,7 +13,7 @@ pub mod store;
 pub mod upcast;
 
 pub use error::{CommandError, StoreError};
-pub use store::{AggregateStore, Database, EventFeed, Position, StoredEvent};
+pub use store::{AggregateStore, Database, EventFeed, Position, StoredEvent, Written};
 
 use std::collections::HashMap;
 
@@ -45,12 +45,13 @@ impl CommandMeta {
     }
 }
 
-/// Called after a command's events are committed, so that read models catch up before the
-/// response is sent (read-your-writes in the common case). Implemented by the projector.
-/// It is an optimisation only: a background loop catches up whatever this misses.
+/// Called after a command's events are committed, so that the read models that care about
+/// them catch up before the response is sent (read-your-writes in the common case).
+/// Implemented by the projector. It is an optimisation only: a background loop (or the
+/// projector function) catches up whatever this misses.
 #[async_trait::async_trait]
 pub trait AfterCommit: Send + Sync {
-    async fn committed(&self);
+    async fn committed(&self, written: &Written);
 }
 
 /// An `AfterCommit` that does nothing (CLI one-shots, tests of the command side alone).
@@ -58,5 +59,5 @@ pub struct NoAfterCommit;
 
 #[async_trait::async_trait]
 impl AfterCommit for NoAfterCommit {
-    async fn committed(&self) {}
+    async fn committed(&self, _written: &Written) {}
 }

@@ -44,7 +44,7 @@ impl Profiles {
             )
             .await?;
         if committed.events > 0 {
-            self.after_commit.committed().await;
+            self.after_commit.committed(&committed.written).await;
         }
         Ok(committed.version)
     }

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
-use commands::{AfterCommit, EventFeed, Position, StoredEvent};
+use commands::{AfterCommit, EventFeed, Position, StoredEvent, Written};
 use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, debug, error, info_span, warn};
 
@@ -19,6 +19,13 @@ pub trait Projection: Send + Sync {
     /// Apply a batch of events, oldest first. Must be idempotent: the same batch may be
     /// applied again after a crash, and events of other aggregate types pass by.
     async fn apply(&self, events: &[StoredEvent]) -> Result<()>;
+
+    /// Does an event of this kind change this read model? A command's read-your-writes
+    /// wait drives only the projections that handle what it wrote (the others catch up in
+    /// the background). Default: everything.
+    fn handles(&self, _aggregate_type: &str, _event_type: &str) -> bool {
+        true
+    }
 
     /// Does this projection keep state in the process (an in-memory cache) that must hear
     /// of events another process applied? If so, [`Projection::applied_elsewhere`] is
@@ -70,6 +77,9 @@ struct Inner {
     settings: ProjectorSettings,
     /// Serialises passes in this process.
     pass: Mutex<()>,
+    /// One driver per projection in this process at a time: concurrent commands queue for
+    /// a projection's turn, and the first one's batch usually covers the others' events.
+    turns: std::collections::HashMap<&'static str, Arc<Mutex<()>>>,
     /// Pass requests made so far, and the highest request a finished pass has covered.
     /// A pass that starts after request N was made has seen every event committed before
     /// N, so waiters at N or below are done when it ends.
@@ -105,6 +115,10 @@ impl Projector {
         projections: Vec<Arc<dyn Projection>>,
         settings: ProjectorSettings,
     ) -> Self {
+        let turns = projections
+            .iter()
+            .map(|p| (p.name(), Arc::new(Mutex::new(()))))
+            .collect();
         Projector {
             inner: Arc::new(Inner {
                 feed,
@@ -112,6 +126,7 @@ impl Projector {
                 projections,
                 settings,
                 pass: Mutex::new(()),
+                turns,
                 requested: AtomicU64::new(0),
                 completed: AtomicU64::new(0),
                 wake: Notify::new(),
@@ -250,7 +265,7 @@ impl Projector {
             .cloned()
             .ok_or_else(|| anyhow::anyhow!("no projection named {name:?}"))?;
         self.inner
-            .drive(p)
+            .drive(p, false)
             .await?
             .ok_or_else(|| anyhow::anyhow!("projection {name} is driven by someone else"))
     }
@@ -265,7 +280,7 @@ impl Inner {
             let name = p.name();
             async move {
                 let r = self
-                    .drive(p.clone())
+                    .drive(p.clone(), false)
                     .instrument(info_span!("projection", name))
                     .await;
                 (name, r)
@@ -289,25 +304,43 @@ impl Inner {
     /// The lease is taken per batch, not for the whole catch-up, so that a long catch-up
     /// never keeps another driver (a rebuild's switch-over, say) waiting for more than one
     /// batch. An idle projection costs two reads (checkpoint, feed) and no write.
-    async fn drive(&self, p: Arc<dyn Projection>) -> Result<Option<usize>> {
+    ///
+    /// `claim_first`: there is work (a command just committed), so claim the lease at once
+    /// rather than look first; later batches of a long catch-up do the same.
+    async fn drive(&self, p: Arc<dyn Projection>, claim_first: bool) -> Result<Option<usize>> {
         let name = p.name();
+        let turn = self.turns.get(name).cloned().unwrap_or_default();
+        let _turn = turn.lock().await;
         let size = self.settings.batch_size;
         let mut applied = 0;
+        let mut claim_first = claim_first;
         loop {
-            let at = self.checkpoints.load(name).await?;
-            self.notice_foreign(&*p, at).await?;
-            let mut batch = self.feed.read_after(at, size).await?;
-            if batch.is_empty() {
-                return Ok(Some(applied));
-            }
-            let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await? else {
-                return Ok((applied > 0).then_some(applied));
-            };
-            if lease.at() != at {
-                // Another driver moved it between the look and the claim.
+            let (lease, batch) = if claim_first {
+                let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await?
+                else {
+                    return Ok((applied > 0).then_some(applied));
+                };
                 self.notice_foreign(&*p, lease.at()).await?;
-                batch = self.feed.read_after(lease.at(), size).await?;
-            }
+                let batch = self.feed.read_after(lease.at(), size).await?;
+                (lease, batch)
+            } else {
+                let at = self.checkpoints.load(name).await?;
+                self.notice_foreign(&*p, at).await?;
+                let mut batch = self.feed.read_after(at, size).await?;
+                if batch.is_empty() {
+                    return Ok(Some(applied));
+                }
+                let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await?
+                else {
+                    return Ok((applied > 0).then_some(applied));
+                };
+                if lease.at() != at {
+                    // Another driver moved it between the look and the claim.
+                    self.notice_foreign(&*p, lease.at()).await?;
+                    batch = self.feed.read_after(lease.at(), size).await?;
+                }
+                (lease, batch)
+            };
             let Some(next) = batch.last().map(|e| e.position) else {
                 lease.release().await;
                 return Ok(Some(applied));
@@ -332,7 +365,46 @@ impl Inner {
             if (batch.len() as i64) < size {
                 return Ok(Some(applied));
             }
+            claim_first = true;
         }
+    }
+
+    fn seen(&self, name: &str) -> Option<Position> {
+        self.seen.lock().ok().and_then(|m| m.get(name).copied())
+    }
+
+    /// Drive each projection that handles one of `kinds` until its checkpoint is at `at`
+    /// or beyond. The feed may not show `at` yet (a transaction that began earlier is
+    /// still open somewhere): then look again shortly.
+    async fn project_through(&self, at: Position, kinds: &[(String, String)]) -> Result<()> {
+        let relevant = self
+            .projections
+            .iter()
+            .filter(|p| kinds.iter().any(|(a, e)| p.handles(a, e)))
+            .cloned();
+        let runs = relevant.map(|p| async move {
+            let name = p.name();
+            let mut claim_first = true;
+            let mut pause = Duration::from_micros(500);
+            loop {
+                if self.seen(name).is_some_and(|s| s >= at) {
+                    return Ok::<(), anyhow::Error>(());
+                }
+                self.drive(p.clone(), claim_first)
+                    .instrument(info_span!("projection", name))
+                    .await?;
+                if self.seen(name).is_some_and(|s| s >= at) {
+                    return Ok(());
+                }
+                claim_first = false;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+        });
+        for r in futures::future::join_all(runs).await {
+            r?;
+        }
+        Ok(())
     }
 
     fn saw(&self, name: &'static str, at: Position) {
@@ -389,7 +461,10 @@ impl AfterCommit for Projector {
     /// the command is committed either way, and the pass is cancelled rather than left
     /// running (in Lambda it would be frozen mid-way). What is left is projected by the
     /// background loop (`karmic serve`), the projector function (AWS) or the next command.
-    async fn committed(&self) {
+    async fn committed(&self, written: &Written) {
+        if written.is_empty() {
+            return;
+        }
         let timeout = self.inner.settings.read_your_writes_timeout;
         let timeout = if timeout.is_zero() {
             if self.inner.background.load(Ordering::SeqCst) {
@@ -403,8 +478,18 @@ impl AfterCommit for Projector {
         } else {
             timeout
         };
-        match tokio::time::timeout(timeout, self.catch_up_through_now(timeout)).await {
-            Ok(Ok(_)) => {}
+        let work = async {
+            match written.at {
+                // Where the events went is known: drive just the read models that care,
+                // until they are there.
+                Some(at) => self.inner.project_through(at, &written.events).await,
+                // Unknown (SQLite, a lost acknowledgement): wait until the feed shows
+                // everything committed so far, then a pass over every projection.
+                None => self.catch_up_through_now(timeout).await.map(drop),
+            }
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => warn!(error = %e, "read models did not catch up after a commit"),
             Err(_) => {
                 warn!(

@@ -19,6 +19,12 @@ impl Projection for ProfileProvisioner {
         "profile_provisioner"
     }
 
+    /// It keeps no read model: nothing a command answers depends on it, so commands never
+    /// wait for it (the background loop and the projector function drive it).
+    fn handles(&self, _aggregate_type: &str, _event_type: &str) -> bool {
+        false
+    }
+
     async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
         for e in events.iter().filter(|e| e.aggregate_type == User::TYPE) {
             if let UserEvent::UserRegistered {

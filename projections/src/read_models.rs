@@ -648,6 +648,10 @@ impl Projection for UsersProjection {
         "users"
     }
 
+    fn handles(&self, aggregate_type: &str, _event_type: &str) -> bool {
+        aggregate_type == User::TYPE
+    }
+
     async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
         for e in events.iter().filter(|e| e.aggregate_type == User::TYPE) {
             let event: UserEvent = e.decode()?;
@@ -664,6 +668,10 @@ pub struct ProfilesProjection(pub Arc<dyn ProfileStore>);
 impl Projection for ProfilesProjection {
     fn name(&self) -> &'static str {
         "profiles"
+    }
+
+    fn handles(&self, aggregate_type: &str, _event_type: &str) -> bool {
+        aggregate_type == Profile::TYPE
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<()> {

@@ -128,9 +128,9 @@ async fn wait_for_lock_waiters(pool: &sqlx::PgPool, n: i64) {
     }
 }
 
-/// Forwards a Postgres connection; once armed, it cuts the first connection that sends
-/// COMMIT after inserting a `UserRegistered` event: COMMIT reaches the server, its answer
-/// never reaches the client.
+/// Forwards a Postgres connection; once armed, it cuts the first connection that commits
+/// a `UserRegistered` event (the COMMIT of its transaction, or the statement itself in
+/// autocommit): the commit reaches the server, its answer never reaches the client.
 struct CuttingProxy {
     addr: SocketAddr,
     armed: Arc<AtomicBool>,
@@ -182,6 +182,7 @@ impl CuttingProxy {
         });
         let mut buf = vec![0u8; 64 * 1024];
         let mut registering = false;
+        let mut in_transaction = false;
         let mut tail: Vec<u8> = Vec::new();
         loop {
             let n = match cr.read(&mut buf).await {
@@ -193,9 +194,12 @@ impl CuttingProxy {
             window.extend_from_slice(&buf[..n]);
             let has = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
             registering |= has(&window, b"UserRegistered");
+            in_transaction |= has(&buf[..n], b"BEGIN");
             let commit = has(&buf[..n], b"COMMIT");
-
-            if commit && registering && armed.swap(false, Ordering::SeqCst) {
+            // An extended-protocol statement ends with Sync; in autocommit that commits it.
+            let sync = buf[..n].ends_with(b"S\0\0\0\x04");
+            let commits = commit || (sync && !in_transaction);
+            if commits && registering && armed.swap(false, Ordering::SeqCst) {
                 blackhole.store(true, Ordering::SeqCst);
                 let _ = sw.write_all(&buf[..n]).await;
                 // Let the server commit, then drop the connection without its answer.
@@ -206,6 +210,7 @@ impl CuttingProxy {
             }
             if commit || has(&buf[..n], b"ROLLBACK") {
                 registering = false;
+                in_transaction = false;
             }
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
@@ -314,8 +319,12 @@ async fn no_wait_and_no_background_loop_still_projects(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(res.status(), 201);
+    // The read models are there at once; the profile provisioner (no read model) is left
+    // to the projector function.
     let st = projections::ops::status(&rt.projector).await.unwrap();
-    assert!(st.iter().all(|s| s.lag_events == 0), "{st:?}");
+    for s in st.iter().filter(|s| s.name != "profile_provisioner") {
+        assert_eq!(s.lag_events, 0, "{st:?}");
+    }
 }
 
 /// The projector function drives every projection to the head within its budget.

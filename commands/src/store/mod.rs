@@ -231,6 +231,7 @@ enum Inner<A: Aggregate> {
     Postgres(
         PersistedEventStore<PostgresEventRepository, A>,
         PostgresEventRepository,
+        PgPool,
     ),
     Sqlite(
         PersistedEventStore<SqliteEventRepository, A>,
@@ -278,10 +279,39 @@ pub struct Loaded<A> {
 }
 
 /// A committed command: the aggregate's version afterwards and how many events it wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     pub version: u64,
     pub events: usize,
+    /// What was written, for the read-your-writes wait.
+    pub written: Written,
+}
+
+/// Where a command's events went in the feed and what they were: enough for the projector
+/// to bring exactly the read models that care up to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// The feed position of the last event written, where the store reports it (Postgres);
+    /// `None` when unknown (SQLite, where the feed shows a commit at once).
+    pub at: Option<Position>,
+    /// `(aggregate type, event type)` of each event written.
+    pub events: Vec<(String, String)>,
+}
+
+impl Written {
+    /// Both writes together (a command that wrote twice, e.g. registration).
+    pub fn and(mut self, other: &Written) -> Written {
+        self.at = match (self.at, other.at) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        self.events.extend(other.events.iter().cloned());
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
 }
 
 fn store_error<E: std::error::Error>(e: AggregateError<E>) -> StoreError {
@@ -301,6 +331,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                 PersistedEventStore::new_event_store(PostgresEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters()),
                 PostgresEventRepository::new(pool.clone()),
+                pool.clone(),
             ),
             Database::Sqlite(pool) => Inner::Sqlite(
                 PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
@@ -343,7 +374,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     {
         if let Some((mut state, mut version)) = self.cached(id) {
             let newer = match &*self.inner {
-                Inner::Postgres(_, r) => r.get_last_events::<A>(id, version as usize).await,
+                Inner::Postgres(_, r, _) => r.get_last_events::<A>(id, version as usize).await,
                 Inner::Sqlite(_, r) => r.get_last_events::<A>(id, version as usize).await,
             }
             .map_err(|e| StoreError(anyhow::anyhow!("loading events of {id}: {e}")))?;
@@ -359,7 +390,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
             return Ok(Loaded { state, version });
         }
         let ctx = match &*self.inner {
-            Inner::Postgres(s, _) => s.load_aggregate(id).await,
+            Inner::Postgres(s, _, _) => s.load_aggregate(id).await,
             Inner::Sqlite(s, _) => s.load_aggregate(id).await,
         }
         .map_err(store_error)?;
@@ -512,15 +543,19 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
             current_snapshot: None,
         };
         match &*self.inner {
-            Inner::Postgres(s, _) => execute_on(s, ctx, command, services, expected, meta).await,
-            Inner::Sqlite(s, _) => execute_on(s, ctx, command, services, expected, meta).await,
+            Inner::Postgres(_, _, pool) => {
+                execute_on(&PgAppend(pool), ctx, command, services, expected, meta).await
+            }
+            Inner::Sqlite(s, _) => {
+                execute_on(&CqrsAppend(s), ctx, command, services, expected, meta).await
+            }
         }
     }
 
     /// Every event of one aggregate, in order (audits, tests).
     pub async fn events(&self, id: &str) -> Result<Vec<(u64, A::Event)>, StoreError> {
         let envelopes = match &*self.inner {
-            Inner::Postgres(s, _) => s.load_events(id).await,
+            Inner::Postgres(s, _, _) => s.load_events(id).await,
             Inner::Sqlite(s, _) => s.load_events(id).await,
         }
         .map_err(store_error)?;
@@ -528,6 +563,60 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
             .into_iter()
             .map(|e| (e.sequence as u64, e.payload))
             .collect())
+    }
+}
+
+/// How a decided command's events are appended.
+trait Append<A: Aggregate> {
+    /// Append `events` after sequence `after`; `Ok(None)` when another writer got there
+    /// first (nothing written), otherwise where the last event went, if known.
+    async fn append(
+        &self,
+        ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
+        events: Vec<A::Event>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Option<Option<Position>>, StoreError>;
+}
+
+/// SQLite: through sqlite-es (one writer at a time; a transaction costs no round trip).
+struct CqrsAppend<'a, A: Aggregate>(&'a PersistedEventStore<SqliteEventRepository, A>);
+
+impl<A: Aggregate> Append<A> for CqrsAppend<'_, A> {
+    async fn append(
+        &self,
+        ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
+        events: Vec<A::Event>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Option<Option<Position>>, StoreError> {
+        match self.0.commit(events, ctx, metadata).await {
+            Ok(_) => Ok(Some(None)),
+            Err(AggregateError::AggregateConflict) => Ok(None),
+            Err(e) => Err(store_error(e)),
+        }
+    }
+}
+
+/// Postgres: one multi-row `INSERT` in autocommit (atomic on its own; one round trip
+/// instead of `BEGIN`/`INSERT`/`COMMIT`), in postgres-es's table layout, returning where
+/// the events went in the feed.
+struct PgAppend<'a>(&'a PgPool);
+
+impl<A: Aggregate> Append<A> for PgAppend<'_> {
+    async fn append(
+        &self,
+        ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
+        events: Vec<A::Event>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Option<Option<Position>>, StoreError> {
+        use cqrs_es::DomainEvent;
+        let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
+        let mut rows = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let payload = serde_json::to_value(e).context("encoding an event")?;
+            let sequence = i64::try_from(ctx.current_sequence + i + 1).unwrap_or(i64::MAX);
+            rows.push((sequence, e.event_type(), e.event_version(), payload));
+        }
+        postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata).await
     }
 }
 
@@ -542,8 +631,9 @@ async fn execute_on<S, A>(
 ) -> Result<(Committed, A), CommandError<A::Error>>
 where
     A: Aggregate + Clone,
-    S: EventStore<A, AC = cqrs_es::persist::EventStoreAggregateContext<A>>,
+    S: Append<A>,
 {
+    use cqrs_es::DomainEvent;
     let before = ctx.current_sequence as u64;
     if let Some(expected) = expected
         && expected != before
@@ -560,26 +650,32 @@ where
         .map_err(CommandError::Rejected)?;
     let events = sink.collect().await;
     let n = events.len();
-    let after = ctx.aggregate.clone();
     if n == 0 {
         return Ok((
             Committed {
                 version: before,
                 events: 0,
+                written: Written::default(),
             },
-            after,
+            ctx.aggregate,
         ));
     }
+    // The sink applied each event as it was written: this is the state after them.
+    let after = ctx.aggregate.clone();
+    let kinds: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (A::TYPE.to_owned(), e.event_type()))
+        .collect();
     let metadata: HashMap<String, String> = meta.to_map();
-    match store.commit(events, ctx, metadata).await {
-        Ok(_) => Ok((
+    match store.append(ctx, events, metadata).await? {
+        Some(at) => Ok((
             Committed {
                 version: before + n as u64,
                 events: n,
+                written: Written { at, events: kinds },
             },
             after,
         )),
-        Err(AggregateError::AggregateConflict) => Err(CommandError::Conflict),
-        Err(e) => Err(CommandError::Store(store_error(e))),
+        None => Err(CommandError::Conflict),
     }
 }

@@ -141,6 +141,53 @@ impl EventFeed for PostgresFeed {
     }
 }
 
+/// Append rows `(sequence, event type, event version, payload)` of one aggregate in one
+/// statement. `Ok(None)`: a row with one of these sequences exists (another writer got
+/// there first) or a constraint of the append refused it (the email's row); nothing was
+/// written. Otherwise the feed position of the last row.
+pub(super) async fn append(
+    pool: &PgPool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    rows: &[(i64, String, String, serde_json::Value)],
+    metadata: &serde_json::Value,
+) -> Result<Option<Option<Position>>, StoreError> {
+    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata) ",
+    );
+    q.push_values(rows, |mut b, (sequence, event_type, version, payload)| {
+        b.push_bind(aggregate_type)
+            .push_bind(aggregate_id)
+            .push_bind(sequence)
+            .push_bind(event_type)
+            .push_bind(version)
+            .push_bind(payload)
+            .push_bind(metadata);
+    });
+    q.push(" RETURNING transaction_id::text::bigint AS tx, position");
+    match q.build().fetch_all(pool).await {
+        Ok(done) => {
+            let last = done
+                .iter()
+                .map(|r| -> Result<Position, sqlx::Error> {
+                    Ok(Position {
+                        transaction_id: r.try_get("tx")?,
+                        position: r.try_get("position")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .max();
+            Ok(Some(last))
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(None),
+        Err(e) => Err(StoreError(
+            anyhow::Error::new(e).context("appending events"),
+        )),
+    }
+}
+
 pub(super) async fn email_owner(
     pool: &PgPool,
     email: &domain::Email,

@@ -29,7 +29,11 @@ pub struct RegisterRequest {
     )]
     pub email: String,
     /// 10 to 1024 characters, and at most 1024 bytes as UTF-8. Taken as typed: not trimmed.
-    #[schema(min_length = 10, max_length = 1024)]
+    #[schema(
+        example = "correct horse battery staple",
+        min_length = 10,
+        max_length = 1024
+    )]
     pub password: String,
     /// 1 to 100 characters once surrounding whitespace is trimmed, with no control
     /// characters.
@@ -54,6 +58,7 @@ pub struct LoginRequest {
     #[schema(example = "ann@example.com")]
     pub email: String,
     /// Anything is read; a wrong password, or one over 1024 bytes, is answered 401.
+    #[schema(example = "correct horse battery staple")]
     pub password: String,
 }
 
@@ -61,6 +66,7 @@ pub struct LoginRequest {
 pub struct TokenResponse {
     pub access_token: String,
     /// Always `Bearer`.
+    #[schema(pattern = "^Bearer$")]
     pub token_type: String,
     /// Seconds until the token expires.
     pub expires_in: u64,
