@@ -5,5 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/services.sh
 cargo build --release -p tests --bins
 cargo run --release -p tests --bin bench
+# The command path at C=1 and C=16, fresh histories and one aggregate per client.
+cargo run --release -p tests --bin command_path
 # A burst of 1,000 sign-ins against a real `karmic serve` (load shedding, memory).
 cargo run --release -p tests --bin login_burst
