@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# The whole test suite: start the servers it needs, then run every test in the workspace.
+# The whole test suite: start the servers it needs, fuzz the HTTP API against its OpenAPI
+# document (schemathesis, every check, bounded in time), then run every test in the
+# workspace. Fails if either fails; the test runner's summary is printed last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+fuzz=0
+bash scripts/schemathesis.sh || fuzz=$?
+tests=0
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --no-fail-fast "$@"
+  cargo nextest run --workspace --no-fail-fast "$@" || tests=$?
 else
-  cargo test --workspace --no-fail-fast "$@"
+  cargo test --workspace --no-fail-fast "$@" || tests=$?
 fi
+if [ "$fuzz" -ne 0 ]; then
+  echo "schemathesis found failures (exit ${fuzz}); see above" >&2
+fi
+[ "$fuzz" -eq 0 ] && [ "$tests" -eq 0 ]

@@ -202,8 +202,12 @@ impl Runtime {
             .map(Email::parse)
             .transpose()
             .context("KARMIC_BOOTSTRAP_ADMIN_EMAIL is not a valid email")?;
+        // Read models are written (and SQL profiles read) through the projector's pool,
+        // which commits asynchronously; events are appended through `db`.
+        let projection_db = db.for_projections(settings.projector_max_connections());
         let read_models = ReadModels::new(&db);
-        let profile_store = profile_store(&settings, &read_models).await?;
+        let projected = ReadModels::new(&projection_db);
+        let profile_store = profile_store(&settings, &projected).await?;
 
         // The provisioner issues commands; its own commits need no read-your-writes wait.
         let provisioner_accounts = Accounts::new(
@@ -213,13 +217,13 @@ impl Runtime {
             Arc::new(NoAfterCommit),
         );
         let projections: Vec<Arc<dyn Projection>> = vec![
-            Arc::new(UsersProjection(read_models.clone())),
+            Arc::new(UsersProjection(projected)),
             Arc::new(ProfilesProjection(profile_store.clone())),
             Arc::new(ProfileProvisioner(provisioner_accounts)),
         ];
         let projector = Projector::new(
-            db.feed(),
-            CheckpointStore::new(&db).with_lease(settings.projection_lease),
+            projection_db.feed(),
+            CheckpointStore::new(&projection_db).with_lease(settings.projection_lease),
             projections,
             ProjectorSettings {
                 poll_interval: settings.projection_poll,

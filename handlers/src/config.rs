@@ -35,6 +35,10 @@ pub struct Settings {
     /// Largest request body accepted, in bytes (`KARMIC_BODY_LIMIT_BYTES`).
     pub body_limit_bytes: usize,
     pub db_max_connections: u32,
+    /// Connections of the projector's own pool on Postgres
+    /// (`KARMIC_PROJECTOR_MAX_CONNECTIONS`, default: the smaller of 4 and
+    /// `KARMIC_DB_MAX_CONNECTIONS`).
+    pub projector_connections: Option<u32>,
     pub argon2_memory_kib: u32,
     pub argon2_iterations: u32,
     pub argon2_parallelism: u32,
@@ -108,6 +112,7 @@ struct FileSettings {
     log_format: Option<LogFormat>,
     body_limit_bytes: Option<usize>,
     db_max_connections: Option<u32>,
+    projector_max_connections: Option<u32>,
     argon2_memory_kib: Option<u32>,
     argon2_iterations: Option<u32>,
     argon2_parallelism: Option<u32>,
@@ -147,6 +152,7 @@ impl Default for Settings {
             log_format: LogFormat::Pretty,
             body_limit_bytes: 64 * 1024,
             db_max_connections: 16,
+            projector_connections: None,
             argon2_memory_kib: 19 * 1024,
             argon2_iterations: 2,
             argon2_parallelism: 1,
@@ -242,6 +248,9 @@ impl Settings {
         }
         if let Some(v) = f.db_max_connections {
             self.db_max_connections = v;
+        }
+        if let Some(v) = f.projector_max_connections {
+            self.projector_connections = Some(v);
         }
         if let Some(v) = f.argon2_memory_kib {
             self.argon2_memory_kib = v;
@@ -358,6 +367,9 @@ impl Settings {
         }
         if let Some(v) = get("KARMIC_DB_MAX_CONNECTIONS") {
             self.db_max_connections = parse("KARMIC_DB_MAX_CONNECTIONS", v)?;
+        }
+        if let Some(v) = get("KARMIC_PROJECTOR_MAX_CONNECTIONS") {
+            self.projector_connections = Some(parse("KARMIC_PROJECTOR_MAX_CONNECTIONS", v)?);
         }
         if let Some(v) = get("KARMIC_ARGON2_MEMORY_KIB") {
             self.argon2_memory_kib = parse("KARMIC_ARGON2_MEMORY_KIB", v)?;
@@ -477,10 +489,19 @@ impl Settings {
         if self.db_max_connections == 0 {
             bail!("KARMIC_DB_MAX_CONNECTIONS must be at least 1");
         }
+        if self.projector_connections == Some(0) {
+            bail!("KARMIC_PROJECTOR_MAX_CONNECTIONS must be at least 1");
+        }
         if self.token_ttl < Duration::from_secs(60) {
             bail!("KARMIC_TOKEN_TTL_SECS must be at least 60");
         }
         Ok(())
+    }
+
+    /// The projector pool's size (Postgres).
+    pub fn projector_max_connections(&self) -> u32 {
+        self.projector_connections
+            .unwrap_or_else(|| self.db_max_connections.min(4))
     }
 
     /// Does CORS allow any origin (`KARMIC_CORS_ORIGINS=*`)? Never with credentials.

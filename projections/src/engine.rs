@@ -308,9 +308,25 @@ impl Inner {
     /// `claim_first`: there is work (a command just committed), so claim the lease at once
     /// rather than look first; later batches of a long catch-up do the same.
     async fn drive(&self, p: Arc<dyn Projection>, claim_first: bool) -> Result<Option<usize>> {
+        self.drive_to(p, claim_first, None).await
+    }
+
+    /// [`Inner::drive`], unless the projection reached `target` while this caller queued
+    /// for its turn (another caller's batch covered it).
+    async fn drive_to(
+        &self,
+        p: Arc<dyn Projection>,
+        claim_first: bool,
+        target: Option<Position>,
+    ) -> Result<Option<usize>> {
         let name = p.name();
         let turn = self.turns.get(name).cloned().unwrap_or_default();
         let _turn = turn.lock().await;
+        if let Some(target) = target
+            && self.seen(name).is_some_and(|s| s >= target)
+        {
+            return Ok(Some(0));
+        }
         let size = self.settings.batch_size;
         let mut applied = 0;
         let mut claim_first = claim_first;
@@ -385,20 +401,21 @@ impl Inner {
         let runs = relevant.map(|p| async move {
             let name = p.name();
             let mut claim_first = true;
-            let mut pause = Duration::from_micros(500);
+            let mut pause = Duration::from_micros(200);
             loop {
                 if self.seen(name).is_some_and(|s| s >= at) {
                     return Ok::<(), anyhow::Error>(());
                 }
-                self.drive(p.clone(), claim_first)
+                self.drive_to(p.clone(), claim_first, Some(at))
                     .instrument(info_span!("projection", name))
                     .await?;
                 if self.seen(name).is_some_and(|s| s >= at) {
                     return Ok(());
                 }
+                // Not visible yet: a transaction that began before ours is still open.
                 claim_first = false;
                 tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_millis(20));
+                pause = (pause * 2).min(Duration::from_millis(5));
             }
         });
         for r in futures::future::join_all(runs).await {

@@ -11,7 +11,21 @@ async fn status_shows_checkpoint_head_and_lag(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (id, _) = app.signed_up("ann@example.com").await;
     let rt = tests::runtime_like(&app).await;
-    let status = ops::status(&rt.projector).await.unwrap();
+    // The read models are current when the registration answers; the profile provisioner
+    // (which keeps no read model) is driven by the background loop right after.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status = ops::status(&rt.projector).await.unwrap();
+        let read_models_current = status
+            .iter()
+            .filter(|s| s.name != "profile_provisioner")
+            .all(|s| s.lag_events == 0);
+        assert!(read_models_current, "{status:?}");
+        if status.iter().all(|s| s.lag_events == 0) || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["users", "profiles", "profile_provisioner"]);
     assert!(
