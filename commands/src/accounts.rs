@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use cqrs_es::Aggregate;
 use domain::{
     DisplayName, Email, Password, Profile, ProfileCommand, ProfileError, Role, User, UserCommand,
     UserError, UserId,
@@ -229,8 +230,14 @@ impl Accounts {
             .await
         {
             Ok(c) => Ok(c.written),
+            // Someone else (the provisioner, say) opened it first: it exists, but where its
+            // event is in the feed is unknown here, so a read-your-writes wait falls back to
+            // the feed's horizon and a pass over every projection.
             Err(CommandError::Rejected(ProfileError::AlreadyExists))
-            | Err(CommandError::Conflict) => Ok(Written::default()),
+            | Err(CommandError::Conflict) => Ok(Written {
+                at: None,
+                events: vec![(Profile::TYPE.to_owned(), "ProfileCreated".to_owned())],
+            }),
             Err(CommandError::Store(e)) => Err(e),
             Err(other) => Err(StoreError::msg(other)),
         }
@@ -321,7 +328,7 @@ impl Accounts {
                 }
                 Err(CommandError::Rejected(e)) => return Err(RoleError::Rejected(e)),
                 Err(CommandError::Store(e)) => return Err(RoleError::Store(e)),
-                Err(e @ CommandError::StaleVersion { .. }) => {
+                Err(e @ (CommandError::StaleVersion { .. } | CommandError::Guarded(_))) => {
                     return Err(RoleError::Store(StoreError::msg(e)));
                 }
             }

@@ -30,6 +30,10 @@ pub enum CommandError<E: std::error::Error> {
     /// Another writer committed to the same aggregate first; nothing was written.
     #[error("concurrent write conflict")]
     Conflict,
+    /// A condition on another aggregate, checked atomically with the append (see
+    /// [`crate::store::Guard`]), did not hold; nothing was written.
+    #[error("refused: {0}")]
+    Guarded(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

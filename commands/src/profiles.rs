@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use domain::{Profile, ProfileCommand, ProfileError, ProfileFields, UserId};
+use cqrs_es::Aggregate;
+use domain::{Profile, ProfileCommand, ProfileError, ProfileFields, User, UserId};
 
 use crate::error::CommandError;
-use crate::store::{AggregateStore, Database, Loaded};
+use crate::store::{AggregateStore, Database, Guard, Loaded};
 use crate::{AfterCommit, CommandMeta, StoreError};
 
 /// The profiles application service.
@@ -24,7 +25,9 @@ impl Profiles {
     }
 
     /// Replace a profile's fields. `expected_version` is the caller's `If-Match`. Returns
-    /// the version after the change (unchanged when nothing changed).
+    /// the version after the change (unchanged when nothing changed). The append requires,
+    /// in the same statement, that the owner's account was never deactivated
+    /// (`CommandError::Guarded` otherwise): a token that outlives its account cannot write.
     #[tracing::instrument(skip_all, fields(profile_id = %id), err(level = "debug"))]
     pub async fn update(
         &self,
@@ -33,14 +36,21 @@ impl Profiles {
         expected_version: Option<u64>,
         meta: &CommandMeta,
     ) -> Result<u64, CommandError<ProfileError>> {
+        let owner_active = Guard {
+            aggregate_type: User::TYPE,
+            aggregate_id: id.to_string(),
+            absent_event: "UserDeactivated",
+            refusal: "this account is deactivated",
+        };
         let committed = self
             .profiles
-            .execute(
+            .execute_guarded(
                 &id.to_string(),
                 ProfileCommand::Update(fields),
                 &(),
                 expected_version,
                 meta,
+                Some(&owner_active),
             )
             .await?;
         if committed.events > 0 {

@@ -1,6 +1,8 @@
 //! Test support: throwaway databases, a spawned app, and HTTP helpers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod bench;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;

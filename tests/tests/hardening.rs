@@ -558,6 +558,14 @@ async fn a_deactivated_user_cannot_edit_with_an_old_token(backend: Backend) {
     let body = json!({"display_name": "Gone"});
     let problem = assert_problem(app.put_profile(&id, &token, None, &body).await, 403).await;
     assert!(problem["detail"].as_str().unwrap().contains("deactivated"));
+    // Not even a write that would change nothing.
+    let same = json!({"display_name": "Still here"});
+    assert_problem(app.put_profile(&id, &token, None, &same).await, 403).await;
+    let r = app.get(&format!("/profiles/{id}"), &token).await;
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["display_name"],
+        "Still here"
+    );
     let r = app
         .post_json(
             "/auth/login",

@@ -27,42 +27,6 @@ async fn an_email_is_taken_whatever_its_case(backend: Backend) {
 }
 
 /// 20 concurrent registrations of one email: one 201, nineteen 409, one user stored.
-async fn concurrent_registrations_of_one_email_admit_exactly_one(backend: Backend) {
-    let app = std::sync::Arc::new(TestApp::spawn(backend).await);
-    let mut tasks = Vec::new();
-    for i in 0..20 {
-        let app = app.clone();
-        tasks.push(tokio::spawn(async move {
-            let email = if i % 2 == 0 {
-                "race@example.com"
-            } else {
-                "RACE@Example.com"
-            };
-            app.register(email, &format!("Racer {i}"))
-                .await
-                .status()
-                .as_u16()
-        }));
-    }
-    let mut counts: HashMap<u16, usize> = HashMap::new();
-    for t in tasks {
-        *counts.entry(t.await.unwrap()).or_default() += 1;
-    }
-    assert_eq!(counts.get(&201), Some(&1), "{counts:?}");
-    assert_eq!(counts.get(&409), Some(&19), "{counts:?}");
-    // Exactly one user in the event store.
-    let feed = app.store.feed();
-    let events = feed
-        .read_after(commands::Position::START, 10_000)
-        .await
-        .unwrap();
-    let registered = events
-        .iter()
-        .filter(|e| e.event_type == "UserRegistered")
-        .count();
-    assert_eq!(registered, 1);
-}
-
 async fn invalid_registrations_name_every_bad_field(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let r = app
@@ -359,7 +323,6 @@ async fn concurrent_profile_writes(backend: Backend) {
 on_both_backends!(
     registering_returns_the_new_account,
     an_email_is_taken_whatever_its_case,
-    concurrent_registrations_of_one_email_admit_exactly_one,
     invalid_registrations_name_every_bad_field,
     logging_in_returns_a_bearer_token,
     a_wrong_email_and_a_wrong_password_are_indistinguishable,

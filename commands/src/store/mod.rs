@@ -260,6 +260,7 @@ enum Inner<A: Aggregate> {
     Sqlite(
         PersistedEventStore<SqliteEventRepository, A>,
         SqliteEventRepository,
+        SqlitePool,
     ),
 }
 
@@ -311,6 +312,20 @@ pub struct Committed {
     pub written: Written,
 }
 
+/// A condition on another aggregate that the append itself checks, atomically on
+/// Postgres (the insert writes nothing if it fails): "aggregate `aggregate_id` of type
+/// `aggregate_type` has no `absent_event`". A profile write, for instance, requires that
+/// its owner was never deactivated; checking it in the same statement costs no round
+/// trip and leaves no window between the check and the write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: String,
+    pub absent_event: &'static str,
+    /// Why a refusal happened, for the caller (`CommandError::Guarded`).
+    pub refusal: &'static str,
+}
+
 /// Where a command's events went in the feed and what they were: enough for the projector
 /// to bring exactly the read models that care up to them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -323,11 +338,18 @@ pub struct Written {
 }
 
 impl Written {
-    /// Both writes together (a command that wrote twice, e.g. registration).
+    /// Both writes together (a command that wrote twice, e.g. registration). Nothing
+    /// written is neutral; a write whose position is unknown makes the whole unknown.
     pub fn and(mut self, other: &Written) -> Written {
+        if other.is_empty() {
+            return self;
+        }
+        if self.is_empty() {
+            return other.clone();
+        }
         self.at = match (self.at, other.at) {
             (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
+            _ => None,
         };
         self.events.extend(other.events.iter().cloned());
         self
@@ -361,6 +383,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                 PersistedEventStore::new_event_store(SqliteEventRepository::new(pool.clone()))
                     .with_upcasters(upcasters()),
                 SqliteEventRepository::new(pool.clone()),
+                pool.clone(),
             ),
         };
         AggregateStore {
@@ -399,7 +422,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         if let Some((mut state, mut version)) = self.cached(id) {
             let newer = match &*self.inner {
                 Inner::Postgres(_, r, _) => r.get_last_events::<A>(id, version as usize).await,
-                Inner::Sqlite(_, r) => r.get_last_events::<A>(id, version as usize).await,
+                Inner::Sqlite(_, r, _) => r.get_last_events::<A>(id, version as usize).await,
             }
             .map_err(|e| StoreError(anyhow::anyhow!("loading events of {id}: {e}")))?;
             for ser in newer {
@@ -415,7 +438,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         }
         let ctx = match &*self.inner {
             Inner::Postgres(s, _, _) => s.load_aggregate(id).await,
-            Inner::Sqlite(s, _) => s.load_aggregate(id).await,
+            Inner::Sqlite(s, _, _) => s.load_aggregate(id).await,
         }
         .map_err(store_error)?;
         let version = ctx.current_sequence as u64;
@@ -453,10 +476,29 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         A: Clone,
         A::Command: Clone,
     {
+        self.execute_guarded(id, command, services, expected, meta, None)
+            .await
+    }
+
+    /// [`AggregateStore::execute`], appending only if `guard` holds (checked by the append
+    /// itself; `CommandError::Guarded` otherwise).
+    pub async fn execute_guarded(
+        &self,
+        id: &str,
+        command: A::Command,
+        services: &A::Services,
+        expected: Option<u64>,
+        meta: &CommandMeta,
+        guard: Option<&Guard>,
+    ) -> Result<Committed, CommandError<A::Error>>
+    where
+        A: Clone,
+        A::Command: Clone,
+    {
         let lock = self.writer_lock(id);
         let result = {
             let _turn = lock.lock().await;
-            self.execute_in_turn(id, command, services, expected, meta)
+            self.execute_in_turn(id, command, services, expected, meta, guard)
                 .await
         };
         self.forget_writer_lock(id, &lock);
@@ -487,6 +529,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         services: &A::Services,
         expected: Option<u64>,
         meta: &CommandMeta,
+        guard: Option<&Guard>,
     ) -> Result<Committed, CommandError<A::Error>>
     where
         A: Clone,
@@ -513,6 +556,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                     services,
                     expected,
                     meta,
+                    guard,
                 )
                 .await;
             match outcome {
@@ -541,9 +585,44 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                     tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
                     use_cache = false;
                 }
+                // A no-op writes nothing, so the append checked no guard: check it here, so
+                // that the answer does not depend on whether the fields changed.
+                Ok((committed, _)) if committed.events == 0 && guard.is_some() => {
+                    if let Some(g) = guard
+                        && !self.guard_holds(g).await?
+                    {
+                        return Err(CommandError::Guarded(g.refusal));
+                    }
+                    return Ok(committed);
+                }
                 other => return other.map(|(c, _)| c),
             }
         }
+    }
+
+    async fn guard_holds(&self, g: &Guard) -> Result<bool, StoreError> {
+        const SQL: &str = "SELECT NOT EXISTS (SELECT 1 FROM events
+                             WHERE aggregate_type = $1 AND aggregate_id = $2 AND event_type = $3)";
+        let holds = match &*self.inner {
+            Inner::Postgres(_, _, p) => {
+                sqlx::query_scalar::<_, bool>(SQL)
+                    .bind(g.aggregate_type)
+                    .bind(&g.aggregate_id)
+                    .bind(g.absent_event)
+                    .fetch_one(p)
+                    .await
+            }
+            Inner::Sqlite(_, _, p) => {
+                sqlx::query_scalar::<_, bool>(&SQL.replace('$', "?"))
+                    .bind(g.aggregate_type)
+                    .bind(&g.aggregate_id)
+                    .bind(g.absent_event)
+                    .fetch_one(p)
+                    .await
+            }
+        }
+        .context("checking a guard")?;
+        Ok(holds)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -556,6 +635,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         services: &A::Services,
         expected: Option<u64>,
         meta: &CommandMeta,
+        guard: Option<&Guard>,
     ) -> Result<(Committed, A), CommandError<A::Error>>
     where
         A: Clone,
@@ -568,10 +648,20 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         };
         match &*self.inner {
             Inner::Postgres(_, _, pool) => {
-                execute_on(&PgAppend(pool), ctx, command, services, expected, meta).await
+                execute_on(
+                    &PgAppend(pool),
+                    ctx,
+                    command,
+                    services,
+                    expected,
+                    meta,
+                    guard,
+                )
+                .await
             }
-            Inner::Sqlite(s, _) => {
-                execute_on(&CqrsAppend(s), ctx, command, services, expected, meta).await
+            Inner::Sqlite(s, _, pool) => {
+                let append = CqrsAppend(s, pool);
+                execute_on(&append, ctx, command, services, expected, meta, guard).await
             }
         }
     }
@@ -580,7 +670,7 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     pub async fn events(&self, id: &str) -> Result<Vec<(u64, A::Event)>, StoreError> {
         let envelopes = match &*self.inner {
             Inner::Postgres(s, _, _) => s.load_events(id).await,
-            Inner::Sqlite(s, _) => s.load_events(id).await,
+            Inner::Sqlite(s, _, _) => s.load_events(id).await,
         }
         .map_err(store_error)?;
         Ok(envelopes
@@ -590,20 +680,35 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
     }
 }
 
+/// What an append did.
+pub(crate) enum Appended {
+    /// Written; the feed position of the last event, where the store reports it.
+    Done(Option<Position>),
+    /// Another writer got there first (or a constraint refused it); nothing written.
+    Conflict,
+    /// The guard did not hold; nothing written.
+    Guarded,
+}
+
 /// How a decided command's events are appended.
 trait Append<A: Aggregate> {
-    /// Append `events` after sequence `after`; `Ok(None)` when another writer got there
-    /// first (nothing written), otherwise where the last event went, if known.
+    /// Append `events` after the context's sequence, if `guard` holds.
     async fn append(
         &self,
         ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
         events: Vec<A::Event>,
         metadata: HashMap<String, String>,
-    ) -> Result<Option<Option<Position>>, StoreError>;
+        guard: Option<&Guard>,
+    ) -> Result<Appended, StoreError>;
 }
 
 /// SQLite: through sqlite-es (one writer at a time; a transaction costs no round trip).
-struct CqrsAppend<'a, A: Aggregate>(&'a PersistedEventStore<SqliteEventRepository, A>);
+/// The guard is checked just before (one process writes; the window is the gap between
+/// two local statements).
+struct CqrsAppend<'a, A: Aggregate>(
+    &'a PersistedEventStore<SqliteEventRepository, A>,
+    &'a SqlitePool,
+);
 
 impl<A: Aggregate> Append<A> for CqrsAppend<'_, A> {
     async fn append(
@@ -611,10 +716,26 @@ impl<A: Aggregate> Append<A> for CqrsAppend<'_, A> {
         ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
         events: Vec<A::Event>,
         metadata: HashMap<String, String>,
-    ) -> Result<Option<Option<Position>>, StoreError> {
+        guard: Option<&Guard>,
+    ) -> Result<Appended, StoreError> {
+        if let Some(g) = guard {
+            let present: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM events
+                                 WHERE aggregate_type = ? AND aggregate_id = ? AND event_type = ?)",
+            )
+            .bind(g.aggregate_type)
+            .bind(&g.aggregate_id)
+            .bind(g.absent_event)
+            .fetch_one(self.1)
+            .await
+            .context("checking an append's guard")?;
+            if present {
+                return Ok(Appended::Guarded);
+            }
+        }
         match self.0.commit(events, ctx, metadata).await {
-            Ok(_) => Ok(Some(None)),
-            Err(AggregateError::AggregateConflict) => Ok(None),
+            Ok(_) => Ok(Appended::Done(None)),
+            Err(AggregateError::AggregateConflict) => Ok(Appended::Conflict),
             Err(e) => Err(store_error(e)),
         }
     }
@@ -631,7 +752,8 @@ impl<A: Aggregate> Append<A> for PgAppend<'_> {
         ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
         events: Vec<A::Event>,
         metadata: HashMap<String, String>,
-    ) -> Result<Option<Option<Position>>, StoreError> {
+        guard: Option<&Guard>,
+    ) -> Result<Appended, StoreError> {
         use cqrs_es::DomainEvent;
         let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
         let mut rows = Vec::with_capacity(events.len());
@@ -640,7 +762,7 @@ impl<A: Aggregate> Append<A> for PgAppend<'_> {
             let sequence = i64::try_from(ctx.current_sequence + i + 1).unwrap_or(i64::MAX);
             rows.push((sequence, e.event_type(), e.event_version(), payload));
         }
-        postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata).await
+        postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
     }
 }
 
@@ -652,6 +774,7 @@ async fn execute_on<S, A>(
     services: &A::Services,
     expected: Option<u64>,
     meta: &CommandMeta,
+    guard: Option<&Guard>,
 ) -> Result<(Committed, A), CommandError<A::Error>>
 where
     A: Aggregate + Clone,
@@ -691,8 +814,8 @@ where
         .map(|e| (A::TYPE.to_owned(), e.event_type()))
         .collect();
     let metadata: HashMap<String, String> = meta.to_map();
-    match store.append(ctx, events, metadata).await? {
-        Some(at) => Ok((
+    match store.append(ctx, events, metadata, guard).await? {
+        Appended::Done(at) => Ok((
             Committed {
                 version: before + n as u64,
                 events: n,
@@ -700,6 +823,9 @@ where
             },
             after,
         )),
-        None => Err(CommandError::Conflict),
+        Appended::Conflict => Err(CommandError::Conflict),
+        Appended::Guarded => Err(CommandError::Guarded(
+            guard.map_or("a guard did not hold", |g| g.refusal),
+        )),
     }
 }

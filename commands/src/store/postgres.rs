@@ -142,20 +142,24 @@ impl EventFeed for PostgresFeed {
 }
 
 /// Append rows `(sequence, event type, event version, payload)` of one aggregate in one
-/// statement. `Ok(None)`: a row with one of these sequences exists (another writer got
-/// there first) or a constraint of the append refused it (the email's row); nothing was
-/// written. Otherwise the feed position of the last row.
+/// statement, if `guard` holds (checked in the same statement). A unique violation (a row
+/// with one of these sequences exists: another writer got there first; or a constraint of
+/// the append, the email's row) is a conflict; nothing was written then.
 pub(super) async fn append(
     pool: &PgPool,
     aggregate_type: &str,
     aggregate_id: &str,
     rows: &[(i64, String, String, serde_json::Value)],
     metadata: &serde_json::Value,
-) -> Result<Option<Option<Position>>, StoreError> {
+    guard: Option<&super::Guard>,
+) -> Result<super::Appended, StoreError> {
     let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
                              payload, metadata) ",
     );
+    if guard.is_some() {
+        q.push("SELECT * FROM (");
+    }
     q.push_values(rows, |mut b, (sequence, event_type, version, payload)| {
         b.push_bind(aggregate_type)
             .push_bind(aggregate_id)
@@ -165,23 +169,31 @@ pub(super) async fn append(
             .push_bind(payload)
             .push_bind(metadata);
     });
+    if let Some(g) = guard {
+        q.push(") AS v WHERE NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ")
+            .push_bind(g.aggregate_type)
+            .push(" AND g.aggregate_id = ")
+            .push_bind(&g.aggregate_id)
+            .push(" AND g.event_type = ")
+            .push_bind(g.absent_event)
+            .push(")");
+    }
     q.push(" RETURNING transaction_id::text::bigint AS tx, position");
     match q.build().fetch_all(pool).await {
+        Ok(done) if done.is_empty() => Ok(super::Appended::Guarded),
         Ok(done) => {
-            let last = done
-                .iter()
-                .map(|r| -> Result<Position, sqlx::Error> {
-                    Ok(Position {
-                        transaction_id: r.try_get("tx")?,
-                        position: r.try_get("position")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .max();
-            Ok(Some(last))
+            let mut last = Position::START;
+            for r in &done {
+                last = last.max(Position {
+                    transaction_id: r.try_get("tx")?,
+                    position: r.try_get("position")?,
+                });
+            }
+            Ok(super::Appended::Done(Some(last)))
         }
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(None),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => {
+            Ok(super::Appended::Conflict)
+        }
         Err(e) => Err(StoreError(
             anyhow::Error::new(e).context("appending events"),
         )),

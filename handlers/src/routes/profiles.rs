@@ -237,13 +237,6 @@ pub async fn put_profile(
             "only the owner may edit a profile".to_owned(),
         ));
     }
-    // The token may outlive the account: a deactivated user loses write access at once.
-    let user = state.accounts.users().load(&id.to_string()).await?;
-    if !user.state.active {
-        return Err(ApiError::Forbidden(
-            "this account is deactivated".to_owned(),
-        ));
-    }
     let expected = match header_str(&headers, header::IF_MATCH)? {
         None => None,
         Some(v) => match parse_versions(v)? {
@@ -298,6 +291,9 @@ pub async fn put_profile(
             CommandError::StaleVersion { actual, .. } => {
                 ApiError::PreconditionFailed { current: actual }
             }
+            // The token may outlive the account: the append itself refuses a deactivated
+            // owner's write.
+            CommandError::Guarded(why) => ApiError::Forbidden(why.to_owned()),
             CommandError::Conflict => ApiError::Conflict {
                 slug: "write-conflict",
                 detail: "another change to this profile was saved at the same time; read it again and retry".to_owned(),

@@ -15,51 +15,10 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 use serde_json::json;
+use tests::bench::{bare_handler, env_or, median, rate};
 use tests::{Backend, TestApp};
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Run `op(worker, i)` from `concurrency` tasks for `secs`; returns successful ops/s.
-async fn rate<F, Fut>(concurrency: usize, secs: f64, op: F) -> f64
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
-{
-    let op = Arc::new(op);
-    let ok = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let (op, ok) = (op.clone(), ok.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = 0u64;
-            while Instant::now() < deadline {
-                if op(w, i).await {
-                    ok.fetch_add(1, Ordering::Relaxed);
-                }
-                i += 1;
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    ok.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
-}
 
 struct Row {
     what: String,
@@ -132,22 +91,7 @@ async fn main() {
         .bytes()
         .await
         .unwrap();
-    let fixed = sample.clone();
-    let bare = axum::Router::new().route(
-        "/fixed",
-        axum::routing::get(move || {
-            let body = fixed.clone();
-            async move {
-                (
-                    [(axum::http::header::CONTENT_TYPE, "application/json")],
-                    body,
-                )
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bare_addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, bare).await.unwrap() });
+    let bare_addr = bare_handler(sample.clone()).await;
 
     let payload = json!({"ProfileUpdated": {"display_name": "Bench", "bio": "x", "avatar_url": null, "location": null, "website": null}});
     let seq = Arc::new(AtomicU64::new(0));
