@@ -231,6 +231,9 @@ impl Runtime {
                 ..ProjectorSettings::default()
             },
         );
+        if let Err(e) = projector.prime().await {
+            tracing::warn!(error = %format!("{e:#}"), "could not read the projection checkpoints at start-up");
+        }
         let after_commit: Arc<dyn AfterCommit> = Arc::new(projector.clone());
         let tokens = Arc::new(HmacTokens::new(
             &secret,

@@ -2,9 +2,11 @@
 //! request timeout.
 //!
 //! - **Failed logins** are counted per account (canonical email) and per client address in
-//!   a fixed window. Once either count reaches its limit, further attempts are refused
-//!   with 429 and `Retry-After` *before* any password is hashed, so a guessing attack costs
-//!   us nothing but a map lookup. A successful sign-in clears its account's count. The
+//!   a fixed window; an attempt counts as failed from the moment it is let through until
+//!   it succeeds, so concurrent guesses cannot slip past the limit together. Once either
+//!   count reaches its limit, further attempts are refused with 429 and `Retry-After`
+//!   *before* any password is hashed, so a guessing attack costs us nothing but a map
+//!   lookup. A successful sign-in clears its account's count. The
 //!   counts are per process: in `karmic serve` that is the whole system; in AWS each
 //!   Lambda container counts for itself, behind API Gateway's throttling.
 //! - **Request rate per client** (`karmic serve` only; API Gateway does it in AWS): the
@@ -104,48 +106,64 @@ impl LoginThrottle {
         }
     }
 
-    /// Refuse (429) if the account or the client has used up its failures.
-    pub fn check(&self, account: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+    /// Refuse (429) if the account or the client has used up its failures; otherwise
+    /// count this attempt as a failure until it is known to have succeeded. Counting it up
+    /// front, under the same lock as the check, is what keeps a burst of concurrent guesses
+    /// from all passing the check before the first of them has failed.
+    pub fn attempt(&self, account: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
         let w = self.limits.window;
-        let account_wait = self
-            .accounts
-            .lock()
-            .ok()
-            .and_then(|mut m| m.blocked_for(account, self.limits.per_account, w));
-        let client_wait = client.and_then(|ip| {
-            self.clients
-                .lock()
-                .ok()
-                .and_then(|mut m| m.blocked_for(&ip.to_string(), self.limits.per_client, w))
-        });
-        match account_wait.max(client_wait) {
-            None => Ok(()),
-            Some(wait) => {
-                tracing::warn!(
-                    client = ?client,
-                    "sign-in refused: too many failed attempts"
-                );
-                Err(ApiError::TooManyRequests {
-                    detail: "too many failed sign-in attempts; try again later".to_owned(),
-                    retry_after: wait.as_secs().max(1),
-                })
-            }
+        let (mut accounts, mut clients) = match (self.accounts.lock(), self.clients.lock()) {
+            (Ok(a), Ok(c)) => (a, c),
+            // A poisoned table only costs the throttling.
+            _ => return Ok(()),
+        };
+        let client_key = client.map(|ip| ip.to_string());
+        let account_wait = accounts.blocked_for(account, self.limits.per_account, w);
+        let client_wait = client_key
+            .as_deref()
+            .and_then(|k| clients.blocked_for(k, self.limits.per_client, w));
+        if let Some(wait) = account_wait.max(client_wait) {
+            tracing::warn!(client = ?client, "sign-in refused: too many failed attempts");
+            return Err(ApiError::TooManyRequests {
+                detail: "too many failed sign-in attempts; try again later".to_owned(),
+                retry_after: wait.as_secs().max(1),
+            });
         }
+        if self.limits.per_account > 0 {
+            accounts.fail(account, w);
+        }
+        if let Some(k) = client_key.as_deref()
+            && self.limits.per_client > 0
+        {
+            clients.fail(k, w);
+        }
+        Ok(())
     }
 
-    pub fn failed(&self, account: &str, client: Option<IpAddr>) {
-        let w = self.limits.window;
-        if let Ok(mut m) = self.accounts.lock() {
-            m.fail(account, w);
-        }
-        if let (Some(ip), Ok(mut m)) = (client, self.clients.lock()) {
-            m.fail(&ip.to_string(), w);
-        }
-    }
-
-    pub fn succeeded(&self, account: &str) {
+    /// The attempt succeeded: the account's count starts again, and the client's loses
+    /// this attempt.
+    pub fn succeeded(&self, account: &str, client: Option<IpAddr>) {
         if let Ok(mut m) = self.accounts.lock() {
             m.map.remove(account);
+        }
+        if let (Some(ip), Ok(mut m)) = (client, self.clients.lock())
+            && let Some(e) = m.map.get_mut(&ip.to_string())
+        {
+            e.0 = e.0.saturating_sub(1);
+        }
+    }
+
+    /// The attempt was not decided (the server was busy): it does not count.
+    pub fn undecided(&self, account: &str, client: Option<IpAddr>) {
+        if let Ok(mut m) = self.accounts.lock()
+            && let Some(e) = m.map.get_mut(account)
+        {
+            e.0 = e.0.saturating_sub(1);
+        }
+        if let (Some(ip), Ok(mut m)) = (client, self.clients.lock())
+            && let Some(e) = m.map.get_mut(&ip.to_string())
+        {
+            e.0 = e.0.saturating_sub(1);
         }
     }
 }

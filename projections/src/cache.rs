@@ -700,6 +700,21 @@ impl CachedProfiles {
             .map_err(|_| anyhow::anyhow!("dirty set poisoned"))
     }
 
+    /// Remember `views` as written to the store but not yet refreshed in the cache.
+    fn mark_dirty(&self, views: &[ProfileView]) -> Result<()> {
+        let mut dirty = self.dirty()?;
+        for v in views {
+            match dirty.get(&v.user_id) {
+                Some(cur) if cur.version >= v.version => {}
+                _ => {
+                    dirty.insert(v.user_id, v.clone());
+                }
+            }
+        }
+        self.dirty_len.store(dirty.len(), Ordering::Release);
+        Ok(())
+    }
+
     fn key_lock(&self, id: UserId) -> Result<Arc<tokio::sync::Mutex<()>>> {
         let mut m = self
             .loading
@@ -813,6 +828,9 @@ impl ProfileStore for CachedProfiles {
     /// cache, so the cache is brought up to the store's current value for it too.
     async fn upsert_many(&self, views: &[ProfileView]) -> Result<Vec<ProfileView>> {
         let stored = self.store.upsert_many(views).await?;
+        // Marked dirty before anything else is awaited: if this is cancelled from here on,
+        // reads of these profiles go to the store until a later refresh succeeds.
+        self.mark_dirty(&stored)?;
         let mut refresh = stored.clone();
         let accepted: std::collections::HashSet<UserId> =
             stored.iter().map(|v| v.user_id).collect();
@@ -826,19 +844,8 @@ impl ProfileStore for CachedProfiles {
                 refresh.push(current);
             }
         }
-        let pending: Vec<ProfileView> = {
-            let mut dirty = self.dirty()?;
-            for v in &refresh {
-                match dirty.get(&v.user_id) {
-                    Some(cur) if cur.version >= v.version => {}
-                    _ => {
-                        dirty.insert(v.user_id, v.clone());
-                    }
-                }
-            }
-            self.dirty_len.store(dirty.len(), Ordering::Release);
-            dirty.values().cloned().collect()
-        };
+        self.mark_dirty(&refresh)?;
+        let pending: Vec<ProfileView> = self.dirty()?.values().cloned().collect();
         self.cache
             .put_many_if_newer(&pending)
             .await

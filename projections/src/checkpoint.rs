@@ -76,17 +76,28 @@ impl DriverLock {
     /// was saved (what this driver applied was idempotent, and the other driver applies it
     /// too).
     pub async fn advance_and_release(mut self, to: Position) -> Result<bool> {
-        self.released = true;
-        self.store
+        let saved = self
+            .store
             .set(&self.name, self.owner, Some(self.at), to)
-            .await
+            .await?;
+        if !saved {
+            // Lost, or the checkpoint was moved under us (a rewind): give back whatever is
+            // still ours so that nobody waits for it to run out.
+            self.store.release(&self.name, self.owner).await;
+        }
+        self.released = true;
+        Ok(saved)
     }
 
     /// Set the checkpoint to `to` whatever it is now, if the lease is still held, and give
     /// the lease back (a rebuild's switch-over: its position covers everything so far).
     pub async fn overwrite_and_release(mut self, to: Position) -> Result<bool> {
+        let saved = self.store.set(&self.name, self.owner, None, to).await?;
+        if !saved {
+            self.store.release(&self.name, self.owner).await;
+        }
         self.released = true;
-        self.store.set(&self.name, self.owner, None, to).await
+        Ok(saved)
     }
 
     /// Extend the lease by its full length; `false` if it was lost meanwhile.
@@ -96,8 +107,8 @@ impl DriverLock {
 
     /// Give the lease back without moving the checkpoint.
     pub async fn release(mut self) {
-        self.released = true;
         self.store.release(&self.name, self.owner).await;
+        self.released = true;
     }
 }
 

@@ -208,6 +208,19 @@ impl Projector {
             .unwrap_or_default()
     }
 
+    /// Learn where every projection's checkpoint is now, so that the first pass of a
+    /// process with in-memory copies can tell what other processes apply from then on.
+    /// Call before serving.
+    pub async fn prime(&self) -> Result<()> {
+        for p in &self.inner.projections {
+            let at = self.inner.checkpoints.load(p.name()).await?;
+            if let Ok(mut m) = self.inner.seen.lock() {
+                m.entry(p.name()).or_insert(at);
+            }
+        }
+        Ok(())
+    }
+
     /// Ask the background loop for a pass without waiting for it.
     pub fn nudge(&self) {
         self.inner.wake.notify_one();
@@ -321,16 +334,18 @@ impl Inner {
     ) -> Result<Option<usize>> {
         let name = p.name();
         let turn = self.turns.get(name).cloned().unwrap_or_default();
-        let _turn = turn.lock().await;
-        if let Some(target) = target
-            && self.seen(name).is_some_and(|s| s >= target)
-        {
-            return Ok(Some(0));
-        }
         let size = self.settings.batch_size;
         let mut applied = 0;
         let mut claim_first = claim_first;
         loop {
+            // The turn is taken per batch, so that commands queued behind a long catch-up
+            // find their events applied after one batch, not after all of them.
+            let _turn = turn.lock().await;
+            if let Some(target) = target
+                && self.seen(name).is_some_and(|s| s >= target)
+            {
+                return Ok(Some(applied));
+            }
             let (lease, batch) = if claim_first {
                 let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await?
                 else {

@@ -332,7 +332,11 @@ async fn switch_over(
                 r = &mut work => break r,
                 () = tokio::time::sleep(renew_every) => {
                     if !lease.renew().await? {
-                        tracing::warn!(projection = name, "lost the lease during a rebuild's switch-over");
+                        // Stop before the switch (dropping `work` is an interruption, which
+                        // a rebuild survives): a live driver may be writing the old store.
+                        break Err(anyhow::anyhow!(
+                            "lost the {name} projection's lease during the switch-over (the process stalled for longer than a lease); run the rebuild again"
+                        ));
                     }
                 }
             }
@@ -350,8 +354,20 @@ async fn switch_over(
         .await
         .context("saving the checkpoint")?
     {
+        // The lease ran out between the last renewal and the switch, and another driver
+        // may have applied events to the old store. Take the lease again (a driver still
+        // mid-batch under the old lease then cannot move the checkpoint: its owner no
+        // longer matches) and go back to the rebuild's position unless the checkpoint is
+        // already behind it: whatever was applied to the old store is applied again to
+        // the new one.
         tracing::warn!(projection = name, at = %at, "lease lost at the switch; re-applying from the rebuild's position");
-        checkpoints.rewind_to(name, at).await?;
+        let Some(again) = checkpoints.lock(name, Duration::from_secs(30)).await? else {
+            bail!(
+                "could not take the {name} projection back after the switch; run `karmic projections rebuild {name}` again"
+            );
+        };
+        let to = again.at().min(at);
+        again.overwrite_and_release(to).await?;
     }
     Ok(())
 }

@@ -483,6 +483,40 @@ async fn failed_sign_ins_are_throttled_per_account_and_per_client(backend: Backe
     assert_problem(attempt("other@example.com", PASSWORD).await, 429).await;
 }
 
+/// Concurrent guesses cannot slip past the limit together: every attempt counts from the
+/// moment it is let through.
+async fn concurrent_guesses_are_throttled_like_sequential_ones(backend: Backend) {
+    let app = Arc::new(
+        TestApp::spawn_with(backend, |s| {
+            s.login_failures_per_account = 3;
+            s.login_failures_per_client = 0;
+            s.argon2_memory_kib = 4096;
+            s.argon2_iterations = 2;
+        })
+        .await,
+    );
+    app.signed_up("target@example.com").await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            app.post_json(
+                "/auth/login",
+                &json!({"email": "target@example.com", "password": format!("guess number {i}")}),
+            )
+            .await
+            .status()
+            .as_u16()
+        }));
+    }
+    let mut counts: HashMap<u16, usize> = HashMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap()).or_default() += 1;
+    }
+    assert_eq!(counts.get(&401), Some(&3), "{counts:?}");
+    assert_eq!(counts.get(&429), Some(&17), "{counts:?}");
+}
+
 /// `karmic serve` limits each client's request rate (10/s with a burst by default).
 async fn a_client_over_its_rate_gets_429_with_retry_after(backend: Backend) {
     let app = TestApp::spawn_with(backend, |s| {
@@ -682,6 +716,7 @@ on_both_backends!(
     the_projector_function_catches_everything_up,
     a_full_password_queue_answers_429_with_retry_after,
     failed_sign_ins_are_throttled_per_account_and_per_client,
+    concurrent_guesses_are_throttled_like_sequential_ones,
     a_client_over_its_rate_gets_429_with_retry_after,
     a_deactivated_user_cannot_edit_with_an_old_token,
     the_bootstrap_email_is_admin_only_while_there_is_none,

@@ -191,22 +191,25 @@ pub async fn login(
         .map(|e| e.as_str().to_owned())
         .unwrap_or_else(|_| body.email.trim().to_ascii_lowercase());
     let throttle = &state.login_throttle;
-    throttle.check(&account, client)?;
+    throttle.attempt(&account, client)?;
     let who = match state
         .accounts
         .authenticate(&body.email, &body.password)
         .await
     {
         Ok(who) => {
-            throttle.succeeded(&account);
+            throttle.succeeded(&account, client);
             who
         }
-        Err(LoginError::InvalidCredentials) => {
-            throttle.failed(&account, client);
-            return Err(ApiError::InvalidCredentials);
+        Err(LoginError::InvalidCredentials) => return Err(ApiError::InvalidCredentials),
+        Err(LoginError::Busy) => {
+            throttle.undecided(&account, client);
+            return Err(ApiError::hashing_busy());
         }
-        Err(LoginError::Busy) => return Err(ApiError::hashing_busy()),
-        Err(LoginError::Store(s)) => return Err(s.into()),
+        Err(LoginError::Store(s)) => {
+            throttle.undecided(&account, client);
+            return Err(s.into());
+        }
     };
     let token = state.tokens.issue(who.user_id, who.role)?;
     Ok(Json(TokenResponse {
