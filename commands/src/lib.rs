@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod error;
+pub mod keyed;
 pub mod password;
 pub mod profiles;
 pub mod store;

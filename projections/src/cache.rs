@@ -674,7 +674,8 @@ impl ProfileCache for LocalCache {
 pub struct CachedProfiles {
     store: Arc<dyn ProfileStore>,
     cache: Arc<dyn ProfileCache>,
-    loading: Mutex<HashMap<UserId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One loader per cold key in this process.
+    loading: commands::keyed::KeyedLocks<UserId>,
     /// Profiles written to the store whose cache entry is not refreshed yet, with what
     /// was written (the store's current value: the projection has one driver at a time,
     /// and the cache's compare-and-set discards it if another process wrote newer since).
@@ -688,7 +689,7 @@ impl CachedProfiles {
         CachedProfiles {
             store,
             cache,
-            loading: Mutex::new(HashMap::new()),
+            loading: commands::keyed::KeyedLocks::default(),
             dirty: Mutex::new(HashMap::new()),
             dirty_len: AtomicUsize::new(0),
         }
@@ -713,23 +714,6 @@ impl CachedProfiles {
         }
         self.dirty_len.store(dirty.len(), Ordering::Release);
         Ok(())
-    }
-
-    fn key_lock(&self, id: UserId) -> Result<Arc<tokio::sync::Mutex<()>>> {
-        let mut m = self
-            .loading
-            .lock()
-            .map_err(|_| anyhow::anyhow!("loader table poisoned"))?;
-        Ok(m.entry(id).or_default().clone())
-    }
-
-    fn forget_key_lock(&self, id: UserId, lock: &Arc<tokio::sync::Mutex<()>>) {
-        if let Ok(mut m) = self.loading.lock()
-            && m.get(&id).is_some_and(|l| Arc::ptr_eq(l, lock))
-            && Arc::strong_count(lock) <= 2
-        {
-            m.remove(&id);
-        }
     }
 
     /// Read a cold key from the store and fill the cache, unless another process has
@@ -795,17 +779,14 @@ impl ProfileStore for CachedProfiles {
         }
         // One loader per key in this process; the others wait for it and then find the
         // cache warm. Across processes, one claim per key (see `load_cold`).
-        let lock = self.key_lock(id)?;
-        let result = async {
-            let _g = lock.lock().await;
-            if let Some(v) = self.cached(id).await {
-                return Ok(Some(v));
-            }
-            self.load_cold(id).await
-        }
-        .await;
-        self.forget_key_lock(id, &lock);
-        result
+        self.loading
+            .run(&id, async {
+                if let Some(v) = self.cached(id).await {
+                    return Ok(Some(v));
+                }
+                self.load_cold(id).await
+            })
+            .await
     }
 
     /// Only what the store accepted goes to the cache (a late, older event must not land

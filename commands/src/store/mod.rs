@@ -276,7 +276,7 @@ pub struct AggregateStore<A: Aggregate> {
     /// One writer per aggregate in this process at a time: writers of one aggregate queue
     /// here instead of racing each other to the store (and losing), so an optimistic
     /// conflict can only come from another process.
-    writers: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    writers: Arc<crate::keyed::KeyedLocks<String>>,
 }
 
 /// How many times a command without a precondition is decided again after losing a
@@ -495,31 +495,12 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
         A: Clone,
         A::Command: Clone,
     {
-        let lock = self.writer_lock(id);
-        let result = {
-            let _turn = lock.lock().await;
-            self.execute_in_turn(id, command, services, expected, meta, guard)
-                .await
-        };
-        self.forget_writer_lock(id, &lock);
-        result
-    }
-
-    fn writer_lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        match self.writers.lock() {
-            Ok(mut m) => m.entry(id.to_owned()).or_default().clone(),
-            // A poisoned table only costs the in-process queueing.
-            Err(_) => Arc::default(),
-        }
-    }
-
-    fn forget_writer_lock(&self, id: &str, lock: &Arc<tokio::sync::Mutex<()>>) {
-        if let Ok(mut m) = self.writers.lock()
-            && m.get(id).is_some_and(|l| Arc::ptr_eq(l, lock))
-            && Arc::strong_count(lock) <= 2
-        {
-            m.remove(id);
-        }
+        self.writers
+            .run(
+                &id.to_owned(),
+                self.execute_in_turn(id, command, services, expected, meta, guard),
+            )
+            .await
     }
 
     async fn execute_in_turn(
