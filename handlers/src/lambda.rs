@@ -96,12 +96,15 @@ const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// comes; a pass still running then is cancelled (safe at any point).
 pub async fn project_until(projector: &Projector, deadline: SystemTime) -> ProjectorRun {
     let mut run = ProjectorRun::default();
+    let time_left = || {
+        deadline
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .saturating_sub(DEADLINE_MARGIN)
+    };
     // Everything committed before the invocation is projected by it: wait (within the
     // budget) until the gap-safe feed can show all of it.
-    let left = deadline
-        .duration_since(SystemTime::now())
-        .unwrap_or_default()
-        .saturating_sub(DEADLINE_MARGIN);
+    let left = time_left();
     if left.is_zero() {
         return run;
     }
@@ -113,10 +116,7 @@ pub async fn project_until(projector: &Projector, deadline: SystemTime) -> Proje
         return run;
     }
     loop {
-        let left = deadline
-            .duration_since(SystemTime::now())
-            .unwrap_or_default()
-            .saturating_sub(DEADLINE_MARGIN);
+        let left = time_left();
         if left.is_zero() {
             return run;
         }

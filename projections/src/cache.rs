@@ -812,7 +812,7 @@ impl ProfileStore for CachedProfiles {
         // Marked dirty before anything else is awaited: if this is cancelled from here on,
         // reads of these profiles go to the store until a later refresh succeeds.
         self.mark_dirty(&stored)?;
-        let mut refresh = stored.clone();
+        let mut current = Vec::new();
         let accepted: std::collections::HashSet<UserId> =
             stored.iter().map(|v| v.user_id).collect();
         let turned_away: std::collections::BTreeSet<UserId> = views
@@ -821,11 +821,11 @@ impl ProfileStore for CachedProfiles {
             .filter(|id| !accepted.contains(id))
             .collect();
         for id in turned_away {
-            if let Some(current) = self.store.get_fresh(id).await? {
-                refresh.push(current);
+            if let Some(view) = self.store.get_fresh(id).await? {
+                current.push(view);
             }
         }
-        self.mark_dirty(&refresh)?;
+        self.mark_dirty(&current)?;
         let pending: Vec<ProfileView> = self.dirty()?.values().cloned().collect();
         self.cache
             .put_many_if_newer(&pending)

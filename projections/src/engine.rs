@@ -208,11 +208,16 @@ impl Projector {
             .unwrap_or_default()
     }
 
-    /// Learn where every projection's checkpoint is now, so that the first pass of a
-    /// process with in-memory copies can tell what other processes apply from then on.
-    /// Call before serving.
+    /// Learn where the checkpoint of every projection that keeps state in this process
+    /// is now, so that its first pass can tell what other processes apply from then on.
+    /// Call before serving; costs nothing where no projection keeps such state.
     pub async fn prime(&self) -> Result<()> {
-        for p in &self.inner.projections {
+        for p in self
+            .inner
+            .projections
+            .iter()
+            .filter(|p| p.keeps_process_state())
+        {
             let at = self.inner.checkpoints.load(p.name()).await?;
             if let Ok(mut m) = self.inner.seen.lock() {
                 m.entry(p.name()).or_insert(at);
