@@ -66,3 +66,72 @@ pub async fn bare_handler(body: axum::body::Bytes) -> std::net::SocketAddr {
     tokio::spawn(async move { axum::serve(listener, bare).await.unwrap() });
     addr
 }
+
+/// The write baseline: a raw single-row `INSERT` (autocommit) into `bench_rows`, a copy of
+/// the `events` table, through the same kind of pool.
+pub struct RawInsert {
+    pool: sqlx::PgPool,
+    payload: serde_json::Value,
+    seq: Arc<AtomicU64>,
+}
+
+impl RawInsert {
+    /// Create `bench_rows` beside `events` on `store` (a Postgres test database).
+    pub async fn on(store: &commands::Database) -> RawInsert {
+        let pool = match store {
+            commands::Database::Postgres(p) => p.clone(),
+            commands::Database::Sqlite(_) => panic!("the INSERT baseline needs Postgres"),
+        };
+        sqlx::query("CREATE TABLE bench_rows (LIKE events INCLUDING ALL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        RawInsert {
+            pool,
+            payload: serde_json::json!({"ProfileUpdated": {"display_name": "Bench", "bio": "x", "avatar_url": null, "location": null, "website": null}}),
+            seq: Arc::default(),
+        }
+    }
+
+    /// INSERTs per second from `concurrency` tasks for `secs`.
+    pub async fn rate(&self, concurrency: usize, secs: f64) -> f64 {
+        let (p, pl, s) = (self.pool.clone(), self.payload.clone(), self.seq.clone());
+        rate(concurrency, secs, move |w, _| {
+            let (p, pl, s) = (p.clone(), pl.clone(), s.clone());
+            async move {
+                let n = s.fetch_add(1, Ordering::Relaxed) as i64;
+                sqlx::query(
+                    "INSERT INTO bench_rows (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                     VALUES ('profile', $1, $2, 'ProfileUpdated', '1.0', $3, '{}')",
+                )
+                .bind(format!("w{w}"))
+                .bind(n)
+                .bind(&pl)
+                .execute(&p)
+                .await
+                .map_err(|e| eprintln!("baseline insert failed: {e}"))
+                .is_ok()
+            }
+        })
+        .await
+    }
+}
+
+/// Requests per second to the bare handler at `addr` (see [`bare_handler`]).
+pub async fn bare_rate(
+    client: reqwest::Client,
+    addr: std::net::SocketAddr,
+    concurrency: usize,
+    secs: f64,
+) -> f64 {
+    rate(concurrency, secs, move |_, _| {
+        let c = client.clone();
+        async move {
+            match c.get(format!("http://{addr}/fixed")).send().await {
+                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await
+}

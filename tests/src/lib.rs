@@ -449,6 +449,15 @@ macro_rules! karmic_binary {
     };
 }
 
+/// How many of `tasks` ended with each HTTP status.
+pub async fn status_counts(tasks: Vec<tokio::task::JoinHandle<u16>>) -> HashMap<u16, usize> {
+    let mut counts = HashMap::new();
+    for t in tasks {
+        *counts.entry(t.await.unwrap()).or_default() += 1;
+    }
+    counts
+}
+
 /// Asserts a response is a problem document with this status; returns the document.
 pub async fn assert_problem(r: reqwest::Response, status: u16) -> Value {
     assert_eq!(r.status().as_u16(), status, "unexpected status");

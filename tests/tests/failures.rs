@@ -86,6 +86,14 @@ impl Server {
         self.post("/auth/login", json!({"email": email, "password": PASSWORD}))
             .await
     }
+
+    /// Sign in and return the access token.
+    async fn token(&self, email: &str) -> String {
+        self.login(email).await.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
 }
 
 /// `kill -9` right after a burst of 2xx: after a restart every acknowledged command is
@@ -111,10 +119,7 @@ async fn kill_9_after_a_2xx_loses_nothing(backend: Backend) {
         users.push((email, id));
     }
     let (email0, id0) = users[0].clone();
-    let token: String = server.login(&email0).await.json::<Value>().await.unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = server.token(&email0).await;
     // The last acknowledged write, then kill -9 at once.
     let r = server
         .client
@@ -434,15 +439,7 @@ async fn the_embedded_cache_hears_of_another_processs_projection_work() {
         .as_str()
         .unwrap()
         .to_owned();
-    let token: String = server
-        .login("cached@example.com")
-        .await
-        .json::<Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = server.token("cached@example.com").await;
     // Warm serve's cache.
     let p: Value = server
         .get(&format!("/profiles/{id}"), &token)
@@ -545,15 +542,7 @@ async fn grant_admin_from_the_cli() {
     let out = run(&["users", "grant-admin", "nobody@example.com"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no account with this email"));
-    let token = server
-        .login("ops@example.com")
-        .await
-        .json::<Value>()
-        .await
-        .unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = server.token("ops@example.com").await;
     let r = server.get("/users", &token).await;
     assert_eq!(r.status(), 200);
     let page: Value = r.json().await.unwrap();

@@ -52,10 +52,7 @@ async fn fifty_racing_registrations_of_one_email_make_one_account(backend: Backe
                 .as_u16()
         }));
     }
-    let mut counts: HashMap<u16, usize> = HashMap::new();
-    for t in tasks {
-        *counts.entry(t.await.unwrap()).or_default() += 1;
-    }
+    let counts = tests::status_counts(tasks).await;
     assert_eq!(counts.get(&201), Some(&1), "{counts:?}");
     assert_eq!(counts.get(&409), Some(&49), "{counts:?}");
     assert_eq!(registered_events(&all_events(&app).await), 1);
@@ -509,10 +506,7 @@ async fn concurrent_guesses_are_throttled_like_sequential_ones(backend: Backend)
             .as_u16()
         }));
     }
-    let mut counts: HashMap<u16, usize> = HashMap::new();
-    for t in tasks {
-        *counts.entry(t.await.unwrap()).or_default() += 1;
-    }
+    let counts = tests::status_counts(tasks).await;
     assert_eq!(counts.get(&401), Some(&3), "{counts:?}");
     assert_eq!(counts.get(&429), Some(&17), "{counts:?}");
 }

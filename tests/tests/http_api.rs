@@ -1,8 +1,6 @@
 //! Black-box tests of the HTTP API against a spawned app, on both stores.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
-
 use serde_json::{Value, json};
 use tests::{Backend, PASSWORD, TestApp, assert_problem, on_both_backends};
 
@@ -308,10 +306,7 @@ async fn concurrent_profile_writes(backend: Backend) {
                 .as_u16()
         }));
     }
-    let mut counts: HashMap<u16, usize> = HashMap::new();
-    for t in tasks {
-        *counts.entry(t.await.unwrap()).or_default() += 1;
-    }
+    let counts = tests::status_counts(tasks).await;
     assert_eq!(counts.get(&200), Some(&1), "{counts:?}");
     assert_eq!(
         counts.get(&412).copied().unwrap_or(0) + counts.get(&409).copied().unwrap_or(0),

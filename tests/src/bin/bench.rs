@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tests::bench::{bare_handler, env_or, median, rate};
+use tests::bench::{RawInsert, bare_handler, bare_rate, env_or, median, rate};
 use tests::{Backend, PASSWORD, TestApp};
 
 /// This process's resident memory in MiB (Linux), printed after each phase so that a
@@ -56,18 +56,9 @@ async fn main() {
     let users = users_of(&app, "bench", concurrency).await;
 
     // Baseline for writes: a raw single-row INSERT into an events-shaped table.
-    let pool = match &app.store {
-        commands::Database::Postgres(p) => p.clone(),
-        commands::Database::Sqlite(_) => unreachable!(),
-    };
-    sqlx::query("CREATE TABLE bench_rows (LIKE events INCLUDING ALL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let payload = json!({"ProfileUpdated": {"display_name": "Bench", "bio": "x", "avatar_url": null, "location": null, "website": null}});
+    let raw_insert = RawInsert::on(&app.store).await;
     let mut put_rates = Vec::new();
     let mut insert_rates = Vec::new();
-    let seq = Arc::new(AtomicU64::new(0));
     for run in 0..runs {
         let put = put_rate(
             app.clone(),
@@ -78,25 +69,7 @@ async fn main() {
             run,
         )
         .await;
-        let (p, pl, s) = (pool.clone(), payload.clone(), seq.clone());
-        let insert = rate(concurrency, secs, move |w, _| {
-            let (p, pl, s) = (p.clone(), pl.clone(), s.clone());
-            async move {
-                let n = s.fetch_add(1, Ordering::Relaxed) as i64;
-                sqlx::query(
-                    "INSERT INTO bench_rows (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                     VALUES ('profile', $1, $2, 'ProfileUpdated', '1.0', $3, '{}')",
-                )
-                .bind(format!("w{w}"))
-                .bind(n)
-                .bind(&pl)
-                .execute(&p)
-                .await
-                .map_err(|e| eprintln!("baseline insert failed: {e}"))
-                .is_ok()
-            }
-        })
-        .await;
+        let insert = raw_insert.rate(concurrency, secs).await;
         eprintln!(
             "run {run}: PUT {put:.0}/s, INSERT {insert:.0}/s (RSS {:.0} MiB)",
             rss_mib()
@@ -284,25 +257,6 @@ async fn put_rate(
                 .await
                 .map(|r| r.status() == 200)
                 .unwrap_or(false)
-        }
-    })
-    .await
-}
-
-/// The baseline: the bare handler's fixed body.
-async fn bare_rate(
-    client: reqwest::Client,
-    bare_addr: std::net::SocketAddr,
-    concurrency: usize,
-    secs: f64,
-) -> f64 {
-    rate(concurrency, secs, move |_, _| {
-        let c = client.clone();
-        async move {
-            match c.get(format!("http://{bare_addr}/fixed")).send().await {
-                Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                Err(_) => false,
-            }
         }
     })
     .await

@@ -14,10 +14,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::json;
-use tests::bench::{bare_handler, env_or, median, rate};
+use tests::bench::{RawInsert, bare_handler, bare_rate, env_or, median, rate};
 use tests::{Backend, TestApp};
 
 struct Row {
@@ -71,14 +70,7 @@ async fn main() {
         users.push(app.signed_up(&format!("cp{i}@example.com")).await);
     }
     let users = Arc::new(users);
-    let pool = match &app.store {
-        commands::Database::Postgres(p) => p.clone(),
-        commands::Database::Sqlite(_) => unreachable!(),
-    };
-    sqlx::query("CREATE TABLE bench_rows (LIKE events INCLUDING ALL)")
-        .execute(&pool)
-        .await
-        .unwrap();
+    let raw_insert = RawInsert::on(&app.store).await;
 
     // The bare handler, with a body the size of a real profile.
     let (id0, token0) = users[0].clone();
@@ -93,8 +85,6 @@ async fn main() {
         .unwrap();
     let bare_addr = bare_handler(sample.clone()).await;
 
-    let payload = json!({"ProfileUpdated": {"display_name": "Bench", "bio": "x", "avatar_url": null, "location": null, "website": null}});
-    let seq = Arc::new(AtomicU64::new(0));
     let mut table = Vec::new();
     for concurrency in [1usize, 16] {
         let mut rows: Vec<Row> = [
@@ -111,26 +101,7 @@ async fn main() {
         })
         .collect();
         for run in 0..runs {
-            let (p, pl, s) = (pool.clone(), payload.clone(), seq.clone());
-            rows[0].runs.push(
-                rate(concurrency, secs, move |w, _| {
-                    let (p, pl, s) = (p.clone(), pl.clone(), s.clone());
-                    async move {
-                        let n = s.fetch_add(1, Ordering::Relaxed) as i64;
-                        sqlx::query(
-                            "INSERT INTO bench_rows (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                             VALUES ('profile', $1, $2, 'ProfileUpdated', '1.0', $3, '{}')",
-                        )
-                        .bind(format!("w{w}"))
-                        .bind(n)
-                        .bind(&pl)
-                        .execute(&p)
-                        .await
-                        .is_ok()
-                    }
-                })
-                .await,
-            );
+            rows[0].runs.push(raw_insert.rate(concurrency, secs).await);
             for (row, fresh) in [(1, true), (2, false)] {
                 let (c, u, a) = (client.clone(), users.clone(), app.clone());
                 rows[row].runs.push(
@@ -155,19 +126,9 @@ async fn main() {
                     .await,
                 );
             }
-            let c = client.clone();
-            rows[3].runs.push(
-                rate(concurrency, secs, move |_, _| {
-                    let c = c.clone();
-                    async move {
-                        match c.get(format!("http://{bare_addr}/fixed")).send().await {
-                            Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
-                            Err(_) => false,
-                        }
-                    }
-                })
-                .await,
-            );
+            rows[3]
+                .runs
+                .push(bare_rate(client.clone(), bare_addr, concurrency, secs).await);
             let (c, u, a) = (client.clone(), users.clone(), app.clone());
             rows[4].runs.push(
                 rate(concurrency, secs, move |_, _| {
