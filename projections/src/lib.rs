@@ -5,7 +5,8 @@
 //! (every read-model row remembers the last aggregate sequence it applied and ignores older
 //! or equal ones) and then advances its checkpoint. A crash between apply and checkpoint
 //! re-applies a batch, which changes nothing. One driver per projection at a time: a
-//! Postgres advisory lock (an in-process lock on SQLite).
+//! lease row beside the checkpoint, on both stores and across processes (see
+//! [`checkpoint`]).
 
 pub mod cache;
 pub mod checkpoint;
