@@ -10,6 +10,32 @@ impl StoreError {
     pub fn msg(msg: impl std::fmt::Display) -> Self {
         StoreError(anyhow::anyhow!("{msg}"))
     }
+
+    /// Is the database out of reach rather than refusing what was asked (a dropped or
+    /// refused connection, a pool with nothing free, a server shutting down or out of
+    /// connections)? Then nothing was committed by the failing statement and the caller
+    /// may retry later: the API answers 503 with `Retry-After`, not 500.
+    pub fn is_unavailable(&self) -> bool {
+        self.0.chain().any(|cause| {
+            let Some(e) = cause.downcast_ref::<sqlx::Error>() else {
+                return false;
+            };
+            match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // SQLSTATE classes 08 (connection exception), 53 (insufficient
+                // resources: too many connections) and 57P (server shutting down, or
+                // this session terminated by an operator).
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+                    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
+                }),
+                _ => false,
+            }
+        })
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

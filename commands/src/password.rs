@@ -356,8 +356,10 @@ mod tests {
     async fn a_full_queue_refuses_at_once_and_abandoned_jobs_are_skipped() {
         let h = PasswordHasher::with_limits(
             HashingParams {
-                memory_kib: 8192,
-                iterations: 4,
+                // Slow enough (~0.2 s optimised) that the first job is still running
+                // while the queue is checked.
+                memory_kib: 65536,
+                iterations: 3,
                 parallelism: 1,
             },
             1,
@@ -371,7 +373,13 @@ mod tests {
             let (h, pw) = (h.clone(), pw.clone());
             tasks.push(tokio::spawn(async move { h.hash(&pw).await }));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        for _ in 0..500 {
+            if h.pool.queued.load(Ordering::SeqCst) == 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(h.pool.queued.load(Ordering::SeqCst), 4, "the queue filled");
         let started = std::time::Instant::now();
         assert!(matches!(h.hash(&pw).await, Err(HashError::Busy)));
         assert!(started.elapsed() < std::time::Duration::from_millis(5));

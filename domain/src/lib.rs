@@ -4,10 +4,19 @@
 //! hash, the current time, a fresh id) is looked up by the application service and placed
 //! in the command, so every decision is a pure function of past events and the command.
 
+pub mod ai_job;
+pub mod document;
 pub mod profile;
 pub mod user;
 pub mod values;
 
+pub use ai_job::{
+    AiJob, AiJobCommand, AiJobError, AiJobEvent, Analysis, Entities, JobId, JobStatus, PiiFlags,
+};
+pub use document::{
+    ContentType, Document, DocumentCommand, DocumentError, DocumentEvent, DocumentId, DocumentSize,
+    DocumentStatus, FileName, ObjectKey, Rejection, Sniffed,
+};
 pub use profile::{Profile, ProfileCommand, ProfileError, ProfileEvent, ProfileFields};
 pub use user::{Role, User, UserCommand, UserError, UserEvent};
 pub use values::{

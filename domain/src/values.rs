@@ -24,6 +24,17 @@ pub enum ValueError {
     InvalidUrl { field: &'static str },
     #[error("{field} is not a valid id")]
     InvalidId { field: &'static str },
+    #[error("{field} must be one of: {allowed}")]
+    NotAllowed {
+        field: &'static str,
+        allowed: &'static str,
+    },
+    #[error("{field} must be between {min} and {max}")]
+    OutOfRange {
+        field: &'static str,
+        min: u64,
+        max: u64,
+    },
 }
 
 impl ValueError {
@@ -36,7 +47,9 @@ impl ValueError {
             | ValueError::ControlCharacters { field }
             | ValueError::InvalidEmail { field }
             | ValueError::InvalidUrl { field }
-            | ValueError::InvalidId { field } => field,
+            | ValueError::InvalidId { field }
+            | ValueError::NotAllowed { field, .. }
+            | ValueError::OutOfRange { field, .. } => field,
         }
     }
 }

@@ -27,7 +27,8 @@ use crate::routes;
         application/problem+json (RFC 9457); their `type` is `https://karmic.dev/problems/<slug>`.\n\n\
         Every operation may answer 429 with `Retry-After` when a client exceeds its request rate \
         (`karmic serve`; in AWS, API Gateway throttles), 503 with `Retry-After` when a request runs \
-        longer than `KARMIC_REQUEST_TIMEOUT_MS`, and 500 on an internal fault."),
+        longer than `KARMIC_REQUEST_TIMEOUT_MS` or the database cannot be reached, and 500 on an \
+        internal fault."),
     paths(
         routes::health::health,
         routes::auth::register,
@@ -137,10 +138,11 @@ problem_response!(
     "Retry-After" => "Seconds to wait before retrying."
 );
 problem_response!(
-    /// 503 from the request timeout.
+    /// 503 from the request timeout, or a database out of reach.
     Overloaded,
-    "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS` (default 10 s). \
-     Retry after `Retry-After` seconds.",
+    "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS` (default 10 s); or \
+     unavailable (`unavailable`): the database could not be reached (a dropped connection, no free \
+     connection); nothing was written. Retry after `Retry-After` seconds.",
     "Retry-After" => "Seconds to wait before retrying."
 );
 problem_response!(
@@ -215,8 +217,6 @@ impl ToSchema for IfNoneMatch {}
 /// Response headers whose value is not always sent: `(path, method, status, header)`.
 /// Every other documented response header is always sent, and is marked `required`.
 const OPTIONAL_RESPONSE_HEADERS: &[(&str, &str, &str, &str)] = &[
-    // 503 `overloaded` carries it; 503 `unavailable` (the read model is down) does not.
-    ("/profiles/{id}", "get", "503", "Retry-After"),
     // A degraded store is answered without it; an overloaded server with it.
     ("/health", "get", "503", "Retry-After"),
 ];

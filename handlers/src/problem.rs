@@ -102,6 +102,9 @@ impl ApiError {
 
 impl From<commands::StoreError> for ApiError {
     fn from(e: commands::StoreError) -> Self {
+        if e.is_unavailable() {
+            return ApiError::Unavailable(format!("the database is unavailable: {:#}", e.0));
+        }
         ApiError::Internal(e.0)
     }
 }
@@ -213,6 +216,9 @@ impl IntoResponse for ApiError {
             ApiError::Overloaded { retry_after, .. }
             | ApiError::TooManyRequests { retry_after, .. } => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after));
+            }
+            ApiError::Unavailable(_) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}
         }

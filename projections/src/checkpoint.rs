@@ -18,7 +18,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use commands::{Database, Position};
+use commands::{Database, EventFeed, Position, StoredEvent};
+use sqlx::Row;
 use sqlx::{PgPool, SqlitePool};
 use uuid::Uuid;
 
@@ -100,6 +101,27 @@ impl DriverLock {
         Ok(saved)
     }
 
+    /// The checkpoint move from [`DriverLock::at`] to `to`, for a read model that makes it
+    /// in the same statement as its writes (see [`crate::Projection::apply_advancing`]).
+    /// Report how that went with [`DriverLock::advanced`].
+    pub fn advance_to(&self, to: Position) -> Advance {
+        Advance {
+            name: self.name.clone(),
+            owner: self.owner,
+            from: self.at,
+            to,
+        }
+    }
+
+    /// The read model made the [`Advance`] itself: `saved` says whether it took (which
+    /// also gave the lease back). If it did not, give back whatever is still ours.
+    pub async fn advanced(mut self, saved: bool) {
+        if !saved {
+            self.store.release(&self.name, self.owner).await;
+        }
+        self.released = true;
+    }
+
     /// Extend the lease by its full length; `false` if it was lost meanwhile.
     pub async fn renew(&self) -> Result<bool> {
         self.store.renew(&self.name, self.owner).await
@@ -109,6 +131,56 @@ impl DriverLock {
     pub async fn release(mut self) {
         self.store.release(&self.name, self.owner).await;
         self.released = true;
+    }
+}
+
+/// A checkpoint move that a read model writes in the same statement (or transaction) as
+/// the batch it applies, so that a command's read-your-writes wait pays one round trip
+/// for both. The move is a compare-and-set: it takes only while `owner` holds the lease
+/// and the checkpoint is still at `from`; if it does not take, nothing of the batch may be
+/// written either. Taking it gives the lease back.
+#[derive(Debug, Clone)]
+pub struct Advance {
+    pub name: String,
+    pub owner: Uuid,
+    pub from: Position,
+    pub to: Position,
+}
+
+impl Advance {
+    /// The Postgres statement fragment that makes the move, for a `WITH` clause:
+    /// `advance AS (<this>)` yields one row if it took. Its parameters are numbered from
+    /// `first`: name, owner, from (transaction, position), to (transaction, position);
+    /// bind them with [`Advance::bind`].
+    pub fn pg_update(first: usize) -> String {
+        let n = |i: usize| format!("${}", first + i);
+        format!(
+            "UPDATE projection_checkpoints
+                SET transaction_id = {to_tx}, position = {to_pos}, updated_at = now(),
+                    lease_owner = NULL, lease_until = NULL
+              WHERE name = {name} AND lease_owner = {owner}
+                AND transaction_id = {from_tx} AND position = {from_pos}
+             RETURNING 1",
+            name = n(0),
+            owner = n(1),
+            from_tx = n(2),
+            from_pos = n(3),
+            to_tx = n(4),
+            to_pos = n(5),
+        )
+    }
+
+    /// Bind the parameters of [`Advance::pg_update`], in order.
+    pub fn bind<'q>(
+        &'q self,
+        q: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(self.name.as_str())
+            .bind(self.owner)
+            .bind(self.from.transaction_id)
+            .bind(self.from.position)
+            .bind(self.to.transaction_id)
+            .bind(self.to.position)
     }
 }
 
@@ -167,6 +239,80 @@ impl CheckpointStore {
                     at,
                     released: false,
                 }));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// [`CheckpointStore::lock`], and the feed's first `limit` events after the claimed
+    /// checkpoint. On Postgres one statement does both, so a command's read-your-writes
+    /// wait pays one round trip for them (the events table and the checkpoints share the
+    /// database); elsewhere the claim, then `feed`.
+    ///
+    /// The feed part reads with the statement's snapshot, taken before the claim: a
+    /// checkpoint that another driver moved meanwhile is at or beyond what that snapshot
+    /// can show below its horizon, so the batch is then empty, never past a gap.
+    pub async fn lock_reading(
+        &self,
+        name: &str,
+        wait: Duration,
+        feed: &dyn EventFeed,
+        limit: i64,
+    ) -> Result<Option<(DriverLock, Vec<StoredEvent>)>> {
+        let Db::Postgres(pool) = &self.db else {
+            let Some(lease) = self.lock(name, wait).await? else {
+                return Ok(None);
+            };
+            let batch = feed.read_after(lease.at(), limit).await?;
+            return Ok(Some((lease, batch)));
+        };
+        let deadline = Instant::now() + wait;
+        let owner = Uuid::new_v4();
+        let sql = format!(
+            "WITH claim AS (
+                 INSERT INTO projection_checkpoints AS c (name, lease_owner, lease_until)
+                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3 / 1000.0))
+                 ON CONFLICT (name) DO UPDATE
+                    SET lease_owner = EXCLUDED.lease_owner, lease_until = EXCLUDED.lease_until
+                  WHERE c.lease_owner IS NULL OR c.lease_owner = EXCLUDED.lease_owner
+                     OR c.lease_until < clock_timestamp()
+                 RETURNING c.transaction_id AS cp_tx, c.position AS cp_pos)
+             SELECT claim.cp_tx, claim.cp_pos, f.*
+               FROM claim LEFT JOIN LATERAL ({feed}) f ON true",
+            feed = commands::store::pg_feed_query("claim.cp_tx", "claim.cp_pos", "$4"),
+        );
+        loop {
+            let rows = sqlx::query(&sql)
+                .bind(name)
+                .bind(owner)
+                .bind(self.lease_ms() as f64)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .context("claiming a projection lease and reading the feed")?;
+            if let Some(first) = rows.first() {
+                let at = Position {
+                    transaction_id: first.try_get("cp_tx")?,
+                    position: first.try_get("cp_pos")?,
+                };
+                let lease = DriverLock {
+                    store: self.clone(),
+                    name: name.to_owned(),
+                    owner,
+                    at,
+                    released: false,
+                };
+                let mut batch = Vec::with_capacity(rows.len());
+                for row in rows {
+                    // The claim with nothing after it: one row of NULL event columns.
+                    if row.try_get::<Option<i64>, _>("tx")?.is_some() {
+                        batch.push(commands::store::pg_feed_event(row)?);
+                    }
+                }
+                return Ok(Some((lease, batch)));
             }
             if Instant::now() >= deadline {
                 return Ok(None);

@@ -9,7 +9,7 @@ use commands::{AfterCommit, EventFeed, Position, StoredEvent, Written};
 use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, debug, error, info_span, warn};
 
-use crate::checkpoint::CheckpointStore;
+use crate::checkpoint::{Advance, CheckpointStore};
 
 /// A read model fed by the event feed.
 #[async_trait::async_trait]
@@ -19,6 +19,20 @@ pub trait Projection: Send + Sync {
     /// Apply a batch of events, oldest first. Must be idempotent: the same batch may be
     /// applied again after a crash, and events of other aggregate types pass by.
     async fn apply(&self, events: &[StoredEvent]) -> Result<()>;
+
+    /// Apply a batch and make the checkpoint's `advance` in one statement (or
+    /// transaction), where the read model lives in the checkpoints' database: a command's
+    /// read-your-writes wait then pays one round trip for both. `Ok(Some(true))`: both
+    /// done. `Ok(Some(false))`: the advance did not take (the lease was lost) and nothing
+    /// was written. `Ok(None)` (the default): not done here; the engine calls
+    /// [`Projection::apply`] and then moves the checkpoint itself.
+    async fn apply_advancing(
+        &self,
+        _events: &[StoredEvent],
+        _advance: &Advance,
+    ) -> Result<Option<bool>> {
+        Ok(None)
+    }
 
     /// Does an event of this kind change this read model? A command's read-your-writes
     /// wait drives only the projections that handle what it wrote (the others catch up in
@@ -352,12 +366,14 @@ impl Inner {
                 return Ok(Some(applied));
             }
             let (lease, batch) = if claim_first {
-                let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await?
+                let Some((lease, batch)) = self
+                    .checkpoints
+                    .lock_reading(name, self.settings.lock_wait, &*self.feed, size)
+                    .await?
                 else {
                     return Ok((applied > 0).then_some(applied));
                 };
                 self.notice_foreign(&*p, lease.at()).await?;
-                let batch = self.feed.read_after(lease.at(), size).await?;
                 (lease, batch)
             } else {
                 let at = self.checkpoints.load(name).await?;
@@ -381,11 +397,24 @@ impl Inner {
                 lease.release().await;
                 return Ok(Some(applied));
             };
-            if let Err(e) = p.apply(&batch).await {
-                lease.release().await;
-                return Err(e);
-            }
-            if !lease.advance_and_release(next).await? {
+            let saved = match p.apply_advancing(&batch, &lease.advance_to(next)).await {
+                Ok(Some(saved)) => {
+                    lease.advanced(saved).await;
+                    saved
+                }
+                Ok(None) => {
+                    if let Err(e) = p.apply(&batch).await {
+                        lease.release().await;
+                        return Err(e);
+                    }
+                    lease.advance_and_release(next).await?
+                }
+                Err(e) => {
+                    lease.release().await;
+                    return Err(e);
+                }
+            };
+            if !saved {
                 // The lease ran out under us and another driver took over; it applies the
                 // same events (idempotently) and moves the checkpoint.
                 warn!(

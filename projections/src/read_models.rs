@@ -4,6 +4,7 @@
 //! changes when the event is newer than what the row already holds, so replays and
 //! duplicate deliveries are harmless.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
@@ -14,6 +15,7 @@ use domain::{Profile, ProfileEvent, User, UserEvent, UserId};
 use serde::Serialize;
 use sqlx::{PgPool, Row, SqlitePool};
 
+use crate::checkpoint::Advance;
 use crate::engine::Projection;
 
 /// A user as listed to admins.
@@ -441,6 +443,19 @@ pub trait ProfileStore: Send + Sync {
         }
         Ok(stored)
     }
+    /// [`ProfileStore::upsert_many`] and the checkpoint's `advance` in one statement, where
+    /// the store shares the checkpoints' database (see
+    /// [`crate::Projection::apply_advancing`]). `Ok(Some((true, stored)))`: both done;
+    /// `Ok(Some((false, _)))`: the advance did not take and nothing was written;
+    /// `Ok(None)` (the default): not supported by this store. (A cache in front keeps the
+    /// default: its refresh must be able to fail the batch before the checkpoint moves.)
+    async fn upsert_many_advancing(
+        &self,
+        _views: &[ProfileView],
+        _advance: &Advance,
+    ) -> Result<Option<(bool, Vec<ProfileView>)>> {
+        Ok(None)
+    }
     /// Every stored profile (consistency checks; not for request paths).
     async fn all(&self) -> Result<Vec<ProfileView>>;
     /// An empty store beside the live one, to rebuild into while the live one serves.
@@ -580,6 +595,79 @@ impl ProfileStore for SqlProfiles {
         Ok(())
     }
 
+    /// On Postgres, the whole batch in one statement that also moves the checkpoint: the
+    /// rows are written only if the advance takes.
+    async fn upsert_many_advancing(
+        &self,
+        views: &[ProfileView],
+        advance: &Advance,
+    ) -> Result<Option<(bool, Vec<ProfileView>)>> {
+        let ReadModels::Postgres(p) = &self.db else {
+            return Ok(None);
+        };
+        // One row per profile (a statement may not update a row twice): the newest.
+        let mut newest: HashMap<UserId, &ProfileView> = HashMap::new();
+        for v in views {
+            match newest.get(&v.user_id) {
+                Some(cur) if cur.version >= v.version => {}
+                _ => {
+                    newest.insert(v.user_id, v);
+                }
+            }
+        }
+        let rows: Vec<&ProfileView> = newest.into_values().collect();
+        let t = &self.table;
+        let sql = format!(
+            "WITH advance AS ({advance}),
+                  up AS (
+                    INSERT INTO {t}
+                        (user_id, display_name, bio, avatar_url, location, website, version, updated_at)
+                    SELECT * FROM unnest($7::uuid[], $8::text[], $9::text[], $10::text[],
+                                         $11::text[], $12::text[], $13::bigint[], $14::timestamptz[])
+                     WHERE EXISTS (SELECT 1 FROM advance)
+                    ON CONFLICT (user_id) DO UPDATE
+                       SET display_name = EXCLUDED.display_name, bio = EXCLUDED.bio,
+                           avatar_url = EXCLUDED.avatar_url, location = EXCLUDED.location,
+                           website = EXCLUDED.website, version = EXCLUDED.version,
+                           updated_at = EXCLUDED.updated_at
+                     WHERE {t}.version < EXCLUDED.version
+                    RETURNING user_id)
+             SELECT EXISTS (SELECT 1 FROM advance) AS advanced,
+                    ARRAY(SELECT user_id FROM up) AS stored",
+            advance = Advance::pg_update(1),
+        );
+        let row = advance
+            .bind(sqlx::query(&sql))
+            .bind(rows.iter().map(|v| v.user_id.as_uuid()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|v| v.display_name.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|v| v.bio.clone()).collect::<Vec<_>>())
+            .bind(
+                rows.iter()
+                    .map(|v| v.avatar_url.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(rows.iter().map(|v| v.location.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|v| v.website.clone()).collect::<Vec<_>>())
+            .bind(rows.iter().map(|v| v.version).collect::<Vec<_>>())
+            .bind(rows.iter().map(|v| v.updated_at).collect::<Vec<_>>())
+            .fetch_one(p)
+            .await
+            .context("upserting profiles_view and advancing its checkpoint")?;
+        let advanced: bool = row.try_get("advanced")?;
+        let stored: Vec<uuid::Uuid> = row.try_get("stored")?;
+        let stored: std::collections::HashSet<uuid::Uuid> = stored.into_iter().collect();
+        let stored = rows
+            .into_iter()
+            .filter(|v| stored.contains(&v.user_id.as_uuid()))
+            .cloned()
+            .collect();
+        Ok(Some((advanced, stored)))
+    }
+
     async fn upsert(&self, v: &ProfileView) -> Result<bool> {
         let stored = match &self.db {
             ReadModels::Postgres(p) => {
@@ -661,6 +749,22 @@ impl Projection for UsersProjection {
     }
 }
 
+/// The profile views the profile events among `events` make, oldest first.
+fn profile_views(events: &[StoredEvent]) -> Result<Vec<ProfileView>> {
+    let mut views = Vec::new();
+    for e in events.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
+        let event: ProfileEvent = e.decode()?;
+        let id = UserId::parse(&e.aggregate_id).context("profile aggregate id")?;
+        views.push(ProfileView::from_event(
+            id,
+            event,
+            e.sequence,
+            e.recorded_at,
+        ));
+    }
+    Ok(views)
+}
+
 /// Projection: the profiles read model, into whichever store is configured.
 pub struct ProfilesProjection(pub Arc<dyn ProfileStore>);
 
@@ -675,19 +779,22 @@ impl Projection for ProfilesProjection {
     }
 
     async fn apply(&self, events: &[StoredEvent]) -> Result<()> {
-        let mut views = Vec::new();
-        for e in events.iter().filter(|e| e.aggregate_type == Profile::TYPE) {
-            let event: ProfileEvent = e.decode()?;
-            let id = UserId::parse(&e.aggregate_id).context("profile aggregate id")?;
-            views.push(ProfileView::from_event(
-                id,
-                event,
-                e.sequence,
-                e.recorded_at,
-            ));
-        }
+        let views = profile_views(events)?;
         self.0.upsert_many(&views).await?;
         Ok(())
+    }
+
+    async fn apply_advancing(
+        &self,
+        events: &[StoredEvent],
+        advance: &Advance,
+    ) -> Result<Option<bool>> {
+        let views = profile_views(events)?;
+        Ok(self
+            .0
+            .upsert_many_advancing(&views, advance)
+            .await?
+            .map(|(advanced, _)| advanced))
     }
 
     fn keeps_process_state(&self) -> bool {

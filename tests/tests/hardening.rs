@@ -396,6 +396,142 @@ async fn a_driver_that_lost_its_lease_cannot_move_the_checkpoint(backend: Backen
     assert_eq!(checkpoints.load("users").await.unwrap(), near);
 }
 
+/// The command path's two combined statements: the lease claim reads the feed in the
+/// same statement, and (Postgres SQL read models) a batch's rows and its checkpoint move
+/// are written together or not at all: a driver whose lease ran out writes nothing.
+async fn a_batch_and_its_checkpoint_move_together_or_not_at_all(backend: Backend) {
+    use projections::read_models::{ProfileStore, ProfilesProjection, SqlProfiles};
+    use projections::{Projection, ReadModels};
+    let db = TestDb::new(backend).await;
+    let store = db.connect().await;
+    let id = tests::profile_behind_the_projectors_back(&store, "Fenced").await;
+    let uid = domain::UserId::parse(&id).unwrap();
+    let feed = store.feed();
+    let checkpoints =
+        projections::CheckpointStore::new(&store).with_lease(Duration::from_millis(200));
+    let claim = |wait| {
+        let (checkpoints, feed) = (checkpoints.clone(), feed.clone());
+        async move {
+            checkpoints
+                .lock_reading("profiles", wait, &*feed, 100)
+                .await
+                .unwrap()
+        }
+    };
+    // The event shows once the feed's horizon passes it (other tests' transactions on
+    // the same server can hold it back for a moment).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (slow, batch) = loop {
+        let (lease, batch) = claim(Duration::ZERO).await.expect("a free lease");
+        if !batch.is_empty() || Instant::now() > deadline {
+            break (lease, batch);
+        }
+        lease.release().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(batch.len(), 1, "{batch:?}");
+    assert_eq!(batch[0].aggregate_id, id);
+    let next = batch[0].position;
+    // Held: a second claim gets nothing.
+    assert!(claim(Duration::from_millis(50)).await.is_none());
+
+    let profiles = Arc::new(SqlProfiles::new(ReadModels::new(&store)));
+    let projection = ProfilesProjection(profiles.clone());
+    // The holder stalls past its lease; another driver claims and reads the same batch.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (fast, again) = claim(Duration::ZERO)
+        .await
+        .expect("an expired lease is free");
+    assert_eq!(again.len(), 1);
+    let stale = projection
+        .apply_advancing(&batch, &slow.advance_to(next))
+        .await
+        .unwrap();
+    match backend {
+        Backend::Postgres => {
+            assert_eq!(stale, Some(false), "a lost lease writes nothing");
+            slow.advanced(false).await;
+            assert!(profiles.get(uid).await.unwrap().is_none());
+            assert_eq!(
+                projection
+                    .apply_advancing(&again, &fast.advance_to(next))
+                    .await
+                    .unwrap(),
+                Some(true)
+            );
+            fast.advanced(true).await;
+            assert_eq!(
+                profiles.get(uid).await.unwrap().unwrap().display_name,
+                "Fenced"
+            );
+            assert_eq!(checkpoints.load("profiles").await.unwrap(), next);
+            // Given back: the next claim is at once, and finds nothing after it.
+            let (lease, rest) = claim(Duration::ZERO).await.expect("released");
+            assert_eq!(lease.at(), next);
+            assert!(rest.is_empty());
+            lease.release().await;
+        }
+        Backend::Sqlite => {
+            // One local writer: the engine applies and advances in two steps.
+            assert_eq!(stale, None);
+            slow.release().await;
+            fast.release().await;
+        }
+    }
+}
+
+/// Pooled connections are not pinged before every statement (that costs a round trip
+/// each), only after a second idle. So when the server drops connections (a restart, a
+/// failover, an operator), a request may meet a dead one: it gets a 503 it can retry, the
+/// dead connection leaves the pool, and service comes back without a restart: at most
+/// one refusal per pooled connection, never a 500, never a lost write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_the_server_dropped_cost_a_retryable_503_at_most_once_each() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (id, token) = app.signed_up("idle@example.com").await;
+    let admin = sqlx::PgPool::connect(&tests::postgres_admin_url())
+        .await
+        .unwrap();
+    let db_name = app.db.url.rsplit('/').next().unwrap().to_owned();
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+          WHERE datname = $1 AND pid <> pg_backend_pid()) t",
+    )
+    .bind(&db_name)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert!(killed > 0, "the app had connections to {db_name}");
+    let mut refused = 0;
+    let mut written = 0;
+    for i in 0..(killed + 10) {
+        let body = json!({"display_name": format!("Served {i}")});
+        let r = app.put_profile(&id, &token, None, &body).await;
+        match r.status().as_u16() {
+            200 => written += 1,
+            503 => {
+                assert_eq!(r.headers()["retry-after"], "1");
+                assert_problem(r, 503).await;
+                refused += 1;
+                assert_eq!(written, 0, "a refusal after service came back");
+            }
+            other => panic!("status {other}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(
+        refused <= killed,
+        "{refused} refusals for {killed} connections"
+    );
+    assert!(written >= 10);
+    let r = app.get(&format!("/profiles/{id}"), &token).await;
+    assert_eq!(r.status(), 200);
+    let last = format!("Served {}", killed + 9);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["display_name"],
+        last.as_str()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. Load shedding and abuse.
 
@@ -705,6 +841,7 @@ fn a_lambda_function_without_a_database_url_refuses_to_start() {
 on_both_backends!(
     fifty_racing_registrations_of_one_email_make_one_account,
     a_driver_that_lost_its_lease_cannot_move_the_checkpoint,
+    a_batch_and_its_checkpoint_move_together_or_not_at_all,
     every_pool_size_serves_commands_and_projects,
     no_wait_and_no_background_loop_still_projects,
     the_projector_function_catches_everything_up,

@@ -25,7 +25,9 @@ use crate::CommandMeta;
 use crate::error::{CommandError, StoreError};
 use crate::upcast::upcasters;
 
-pub use postgres::PostgresFeed;
+pub use postgres::{
+    PING_AFTER_IDLE, PostgresFeed, feed_event as pg_feed_event, feed_query as pg_feed_query,
+};
 pub use sqlite::SqliteFeed;
 
 /// A place in the global feed. On Postgres, `(transaction_id, position)`; on SQLite the
@@ -158,10 +160,11 @@ impl Database {
                     .clone()
                     .options([("synchronous_commit", "off")]);
                 Database::Postgres(
-                    sqlx::postgres::PgPoolOptions::new()
-                        .max_connections(max_connections.max(1))
-                        .acquire_timeout(PoolSettings::default().acquire_timeout)
-                        .connect_lazy_with(options),
+                    postgres::pool_options(
+                        max_connections.max(1),
+                        PoolSettings::default().acquire_timeout,
+                    )
+                    .connect_lazy_with(options),
                 )
             }
             Database::Sqlite(_) => self.clone(),
@@ -360,11 +363,28 @@ impl Written {
     }
 }
 
+/// A boxed error from cqrs-es or its stores, unboxed to its `sqlx::Error` when it is one,
+/// so that [`StoreError::is_unavailable`] can still tell a dropped connection from a bug.
+fn unbox(e: Box<dyn std::error::Error + Send + Sync + 'static>) -> anyhow::Error {
+    match e.downcast::<sqlx::Error>() {
+        Ok(sqlx) => anyhow::Error::new(*sqlx),
+        Err(other) => anyhow::anyhow!(other),
+    }
+}
+
+fn persistence_error(e: cqrs_es::persist::PersistenceError) -> anyhow::Error {
+    use cqrs_es::persist::PersistenceError as P;
+    match e {
+        P::ConnectionError(e) | P::DeserializationError(e) | P::UnknownError(e) => unbox(e),
+        P::OptimisticLockError => anyhow::anyhow!("optimistic lock error"),
+    }
+}
+
 fn store_error<E: std::error::Error>(e: AggregateError<E>) -> StoreError {
     match e {
         AggregateError::DatabaseConnectionError(e)
         | AggregateError::DeserializationError(e)
-        | AggregateError::UnexpectedError(e) => StoreError(anyhow::anyhow!(e)),
+        | AggregateError::UnexpectedError(e) => StoreError(unbox(e)),
         AggregateError::AggregateConflict => StoreError::msg("unexpected aggregate conflict"),
         AggregateError::UserError(e) => StoreError::msg(format!("unexpected user error: {e}")),
     }
@@ -424,7 +444,9 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                 Inner::Postgres(_, r, _) => r.get_last_events::<A>(id, version as usize).await,
                 Inner::Sqlite(_, r, _) => r.get_last_events::<A>(id, version as usize).await,
             }
-            .map_err(|e| StoreError(anyhow::anyhow!("loading events of {id}: {e}")))?;
+            .map_err(|e| {
+                StoreError(persistence_error(e).context(format!("loading events of {id}")))
+            })?;
             for ser in newer {
                 let ser = crate::upcast::upcast(ser);
                 let event: A::Event = serde_json::from_value(ser.payload).map_err(|e| {

@@ -24,6 +24,8 @@ pub(super) async fn connect(url: &str, settings: &PoolSettings) -> Result<Sqlite
     let pool = SqlitePoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(settings.acquire_timeout)
+        // A connection to a local file does not drop: no ping before each use.
+        .test_before_acquire(false)
         .connect_with(options)
         .await
         .context("opening the SQLite database")?;

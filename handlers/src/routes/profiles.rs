@@ -159,10 +159,10 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Result<Option<&s
         (status = 404, description = "No such profile (`not-found`)", body = Problem, content_type = "application/problem+json"),
         (status = 429, response = TooManyRequests),
         (status = 500, response = InternalError),
-        (status = 503, description = "Overloaded (`overloaded`, with `Retry-After`): the request ran longer than \
-            `KARMIC_REQUEST_TIMEOUT_MS`; or the profile read model is unavailable (`unavailable`)",
+        (status = 503, description = "Overloaded (`overloaded`): the request ran longer than \
+            `KARMIC_REQUEST_TIMEOUT_MS`; or the profile read model or the database is unavailable (`unavailable`)",
          body = Problem, content_type = "application/problem+json",
-         headers(("Retry-After", description = "Seconds to wait before retrying; sent when overloaded"))),
+         headers(("Retry-After", description = "Seconds to wait before retrying"))),
     )
 )]
 #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, profile_id = %id))]

@@ -43,13 +43,21 @@ async fn main() {
     let aggregates: usize = env_or("KARMIC_BENCH_AGGREGATES", 300);
     let log = tempfile::NamedTempFile::new().unwrap();
     let writer = std::sync::Mutex::new(log.reopen().unwrap());
-    tracing_subscriber::fmt()
+    // `KARMIC_BENCH_SPANS=FILE`: log every span's busy and idle time to FILE instead (a
+    // profile of where a request's time goes; it slows the run).
+    let spans = std::env::var("KARMIC_BENCH_SPANS").ok();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(
             "info,sqlx=warn,tower_http=info",
         ))
-        .with_writer(writer)
-        .compact()
-        .init();
+        .compact();
+    match &spans {
+        Some(path) => builder
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_writer(std::sync::Mutex::new(std::fs::File::create(path).unwrap()))
+            .init(),
+        None => builder.with_writer(writer).init(),
+    }
     eprintln!("command path: {runs} runs x {secs}s; {aggregates} aggregates; info logs to a file");
 
     let app = Arc::new(
