@@ -13,28 +13,59 @@ impl StoreError {
 
     /// Is the database out of reach rather than refusing what was asked (a dropped or
     /// refused connection, a pool with nothing free, a server shutting down or out of
-    /// connections)? Then nothing was committed by the failing statement and the caller
-    /// may retry later: the API answers 503 with `Retry-After`, not 500.
+    /// connections)? Then the caller may retry shortly: the API answers 503 with
+    /// `Retry-After`, not 500. (A connection that drops mid-statement leaves the outcome
+    /// unknown: the statement may have committed.)
     pub fn is_unavailable(&self) -> bool {
-        self.0.chain().any(|cause| {
-            let Some(e) = cause.downcast_ref::<sqlx::Error>() else {
-                return false;
-            };
-            match e {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                // SQLSTATE classes 08 (connection exception), 53 (insufficient
-                // resources: too many connections) and 57P (server shutting down, or
-                // this session terminated by an operator).
-                sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-                    c.starts_with("08") || c.starts_with("53") || c.starts_with("57P")
-                }),
-                _ => false,
-            }
-        })
+        is_unavailable(&self.0)
+    }
+}
+
+/// [`StoreError::is_unavailable`] for any error that may carry a `sqlx::Error` (read
+/// models report `anyhow` errors).
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<sqlx::Error>()
+            .is_some_and(sqlx_error_is_unavailable)
+    })
+}
+
+/// Postgres SQLSTATEs that mean "not now" rather than "no": connection exceptions,
+/// too many connections, and the server shutting down or ending this session.
+const UNAVAILABLE_SQLSTATES: &[&str] = &[
+    "08000", "08001", "08003", "08004", "08006", "53300", "57P01", "57P02", "57P03",
+];
+
+fn sqlx_error_is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+            .is_some_and(|pg| UNAVAILABLE_SQLSTATES.contains(&pg.code())),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unreachable_databases_are_told_from_refusals() {
+        let timed_out =
+            StoreError(anyhow::Error::new(sqlx::Error::PoolTimedOut).context("loading"));
+        assert!(timed_out.is_unavailable());
+        let io = StoreError::from(sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(io.is_unavailable());
+        assert!(!StoreError::from(sqlx::Error::RowNotFound).is_unavailable());
+        assert!(!StoreError::msg("decoding failed").is_unavailable());
     }
 }
 

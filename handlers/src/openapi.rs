@@ -142,7 +142,8 @@ problem_response!(
     Overloaded,
     "Overloaded (`overloaded`): the request ran longer than `KARMIC_REQUEST_TIMEOUT_MS` (default 10 s); or \
      unavailable (`unavailable`): the database could not be reached (a dropped connection, no free \
-     connection); nothing was written. Retry after `Retry-After` seconds.",
+     connection). Retry after `Retry-After` seconds; a write whose connection dropped mid-statement may \
+     have been saved, so read back (or send `If-Match`) before repeating it.",
     "Retry-After" => "Seconds to wait before retrying."
 );
 problem_response!(

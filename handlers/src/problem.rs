@@ -84,7 +84,7 @@ pub enum ApiError {
     TooManyRequests { detail: String, retry_after: u64 },
     /// 500: our fault. The cause is logged, never shown.
     #[error(transparent)]
-    Internal(#[from] anyhow::Error),
+    Internal(anyhow::Error),
 }
 
 impl ApiError {
@@ -102,10 +102,17 @@ impl ApiError {
 
 impl From<commands::StoreError> for ApiError {
     fn from(e: commands::StoreError) -> Self {
-        if e.is_unavailable() {
-            return ApiError::Unavailable(format!("the database is unavailable: {:#}", e.0));
+        e.0.into()
+    }
+}
+
+/// A failure on our side: 503 if the database was out of reach (retry), 500 otherwise.
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        if commands::error::is_unavailable(&e) {
+            return ApiError::Unavailable(format!("the database is unavailable: {e:#}"));
         }
-        ApiError::Internal(e.0)
+        ApiError::Internal(e)
     }
 }
 

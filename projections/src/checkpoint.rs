@@ -252,9 +252,11 @@ impl CheckpointStore {
     /// wait pays one round trip for them (the events table and the checkpoints share the
     /// database); elsewhere the claim, then `feed`.
     ///
-    /// The feed part reads with the statement's snapshot, taken before the claim: a
-    /// checkpoint that another driver moved meanwhile is at or beyond what that snapshot
-    /// can show below its horizon, so the batch is then empty, never past a gap.
+    /// The feed part reads with the statement's snapshot, taken before the claim, while
+    /// the claim returns the latest checkpoint (another driver may have moved it since).
+    /// Every row below the snapshot's horizon is committed and visible to it, so the
+    /// batch after any checkpoint is complete: never past a gap. (`feed` must read the
+    /// same database; on Postgres the statement reads its `events` table directly.)
     pub async fn lock_reading(
         &self,
         name: &str,

@@ -111,6 +111,9 @@ struct Inner {
         std::sync::Mutex<std::collections::HashMap<&'static str, std::collections::VecDeque<f64>>>,
 }
 
+/// The longest batch a command's read-your-writes wait reads in its claim statement.
+const COMMAND_PATH_BATCH: i64 = 100;
+
 /// How many recent lag samples each projection keeps.
 const LAG_SAMPLES: usize = 10_000;
 
@@ -365,15 +368,32 @@ impl Inner {
             {
                 return Ok(Some(applied));
             }
-            let (lease, batch) = if claim_first {
+            // A command waiting for its own events claims and reads in one statement. That
+            // statement holds a transaction id while it reads, which holds every other
+            // reader's horizon back, so it reads a short batch.
+            let combined = claim_first && target.is_some();
+            let limit = if combined {
+                size.min(COMMAND_PATH_BATCH)
+            } else {
+                size
+            };
+            let (lease, batch) = if combined {
                 let Some((lease, batch)) = self
                     .checkpoints
-                    .lock_reading(name, self.settings.lock_wait, &*self.feed, size)
+                    .lock_reading(name, self.settings.lock_wait, &*self.feed, limit)
                     .await?
                 else {
                     return Ok((applied > 0).then_some(applied));
                 };
                 self.notice_foreign(&*p, lease.at()).await?;
+                (lease, batch)
+            } else if claim_first {
+                let Some(lease) = self.checkpoints.lock(name, self.settings.lock_wait).await?
+                else {
+                    return Ok((applied > 0).then_some(applied));
+                };
+                self.notice_foreign(&*p, lease.at()).await?;
+                let batch = self.feed.read_after(lease.at(), size).await?;
                 (lease, batch)
             } else {
                 let at = self.checkpoints.load(name).await?;
@@ -427,7 +447,7 @@ impl Inner {
             self.record_lags(name, &batch);
             debug!(projection = name, at = %next, n = batch.len(), "batch applied");
             applied += batch.len();
-            if (batch.len() as i64) < size {
+            if (batch.len() as i64) < limit {
                 return Ok(Some(applied));
             }
             claim_first = true;
