@@ -6,6 +6,7 @@
 //! HTTP handlers and the CLI call.
 
 pub mod accounts;
+pub mod documents;
 pub mod error;
 pub mod keyed;
 pub mod password;
