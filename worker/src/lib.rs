@@ -9,6 +9,7 @@
 pub mod analysis;
 pub mod isolate;
 pub mod notification;
+pub mod queue;
 
 pub use analysis::{AnalysisError, Analyzer, InProcessAnalyzer, Limits};
 pub use isolate::IsolatedAnalyzer;

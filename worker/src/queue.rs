@@ -1,0 +1,220 @@
+//! The job queue port and its embedded adapter.
+//!
+//! The worker consumes storage notifications from a queue with SQS's semantics: at-least-
+//! once delivery, a visibility timeout per receive, a receive count, a dead-letter queue
+//! after too many receives, and receipt handles (only the latest receive may delete a
+//! message or change its visibility). In AWS that is SQS itself; embedded, it is
+//! [`SqliteQueue`], a table in the embedded database, so it survives restarts.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+/// A message as one receive hands it out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub id: String,
+    pub body: String,
+    /// Deletes the message or changes its visibility, until the next receive of it.
+    pub receipt: String,
+    /// How many times it has been received, this time included (SQS's
+    /// `ApproximateReceiveCount`).
+    pub receive_count: u32,
+}
+
+/// A queue with SQS's semantics (see the module documentation).
+#[async_trait::async_trait]
+pub trait JobQueue: Send + Sync {
+    async fn send(&self, body: &str) -> Result<String>;
+    /// Up to `max` visible messages, waiting up to `wait` for the first; each is hidden
+    /// for `visibility`.
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Received>>;
+    /// Hide the message for `visibility` from now (a heartbeat). `false`: the receipt is
+    /// stale (the message was received again, or deleted).
+    async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool>;
+    /// `false`: the receipt is stale.
+    async fn delete(&self, receipt: &str) -> Result<bool>;
+    /// Move the message to the dead-letter queue now (retrying cannot help).
+    async fn dead_letter(&self, receipt: &str) -> Result<bool>;
+    /// Messages waiting in the dead-letter queue.
+    async fn dead_letters(&self) -> Result<Vec<(String, String)>>;
+}
+
+/// [`JobQueue`] over the `queue_messages` table of the embedded database.
+#[derive(Debug, Clone)]
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    name: String,
+    dead_letter_name: String,
+    max_receives: u32,
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl SqliteQueue {
+    /// The queue `name`, whose messages go to `{name}-dlq` after `max_receives`
+    /// receives (SQS's `maxReceiveCount`).
+    pub fn new(pool: SqlitePool, name: &str, max_receives: u32) -> Self {
+        SqliteQueue {
+            pool,
+            name: name.to_owned(),
+            dead_letter_name: format!("{name}-dlq"),
+            max_receives: max_receives.max(1),
+        }
+    }
+
+    /// One attempt at receiving: two statements, each atomic on its own (SQLite has one
+    /// writer), so two consumers never take the same message.
+    async fn receive_now(&self, max: u32, visibility: Duration) -> Result<Vec<Received>> {
+        let now = now_ms();
+        // Visible again after being received as often as allowed: to the dead-letter
+        // queue, as SQS does on the next receive.
+        sqlx::query(
+            "UPDATE queue_messages SET queue = ?2, visible_at = ?3, receive_count = 0,
+                    receipt = NULL
+              WHERE queue = ?1 AND visible_at <= ?3 AND receive_count >= ?4",
+        )
+        .bind(&self.name)
+        .bind(&self.dead_letter_name)
+        .bind(now)
+        .bind(i64::from(self.max_receives))
+        .execute(&self.pool)
+        .await
+        .context("receiving: dead-lettering")?;
+        let rows = sqlx::query(
+            "UPDATE queue_messages
+                SET receive_count = receive_count + 1, receipt = lower(hex(randomblob(16))),
+                    visible_at = ?3
+              WHERE id IN (SELECT id FROM queue_messages
+                            WHERE queue = ?1 AND visible_at <= ?2
+                            ORDER BY visible_at, sent_at LIMIT ?4)
+             RETURNING id, body, receipt, receive_count, sent_at",
+        )
+        .bind(&self.name)
+        .bind(now)
+        .bind(now.saturating_add(ms(visibility)))
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await
+        .context("receiving")?;
+        let mut out: Vec<(i64, Received)> = Vec::with_capacity(rows.len());
+        for row in rows {
+            let count: i64 = row.try_get("receive_count")?;
+            out.push((
+                row.try_get("sent_at")?,
+                Received {
+                    id: row.try_get("id")?,
+                    body: row.try_get("body")?,
+                    receipt: row.try_get("receipt")?,
+                    receive_count: u32::try_from(count).unwrap_or(u32::MAX),
+                },
+            ));
+        }
+        out.sort_by_key(|(sent, _)| *sent);
+        Ok(out.into_iter().map(|(_, r)| r).collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl JobQueue for SqliteQueue {
+    async fn send(&self, body: &str) -> Result<String> {
+        let id = Uuid::now_v7().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO queue_messages (id, queue, body, sent_at, visible_at)
+             VALUES (?1, ?2, ?3, ?4, ?4)",
+        )
+        .bind(&id)
+        .bind(&self.name)
+        .bind(body)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .context("sending to the embedded queue")?;
+        Ok(id)
+    }
+
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Received>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let got = self.receive_now(max.clamp(1, 10), visibility).await?;
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
+    }
+
+    async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {
+        let n = sqlx::query("UPDATE queue_messages SET visible_at = ?2 WHERE receipt = ?1")
+            .bind(receipt)
+            .bind(now_ms().saturating_add(ms(visibility)))
+            .execute(&self.pool)
+            .await
+            .context("changing a message's visibility")?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM queue_messages WHERE receipt = ?1")
+            .bind(receipt)
+            .execute(&self.pool)
+            .await
+            .context("deleting a message")?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn dead_letter(&self, receipt: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE queue_messages SET queue = ?2, visible_at = ?3, receive_count = 0,
+                    receipt = NULL WHERE receipt = ?1",
+        )
+        .bind(receipt)
+        .bind(&self.dead_letter_name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .context("dead-lettering a message")?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<(String, String)>> {
+        let rows =
+            sqlx::query("SELECT id, body FROM queue_messages WHERE queue = ?1 ORDER BY sent_at")
+                .bind(&self.dead_letter_name)
+                .fetch_all(&self.pool)
+                .await
+                .context("listing dead letters")?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("body")?)))
+            .collect()
+    }
+}
