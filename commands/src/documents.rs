@@ -48,6 +48,7 @@ pub enum Confirmation {
 /// What a worker needs to run a job it has started.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartedJob {
+    /// The job's number for this attempt: pass it to `job_succeeded` / `job_failed`.
     pub attempt: u32,
     pub object_key: ObjectKey,
     pub etag: String,
@@ -236,9 +237,13 @@ impl Documents {
             .await?;
         self.after_commit.committed(&committed.written).await;
         let state = self.jobs.load(&job.to_string()).await?.state;
+        if state.status == domain::JobStatus::DeadLettered {
+            // This receive was one too many: the job is dead-lettered (move the message).
+            return Err(CommandError::Rejected(AiJobError::Finished));
+        }
         match (state.object_key, state.content_type) {
             (Some(object_key), Some(content_type)) => Ok(StartedJob {
-                attempt: state.attempt,
+                attempt: state.attempt_base + attempt,
                 object_key,
                 etag: state.etag,
                 content_type,

@@ -140,24 +140,19 @@ pub enum AiJobCommand {
         content_type: ContentType,
         max_attempts: u32,
     },
-    /// A worker took the job's message; `attempt` is the queue's receive count.
-    Start {
-        attempt: u32,
-        worker: String,
-    },
-    Succeed {
-        attempt: u32,
-        analysis: Analysis,
-    },
+    /// A worker took the job's message; `attempt` is the queue's receive count (it
+    /// restarts at 1 after a redrive; the job numbers its attempts on from the last).
+    Start { attempt: u32, worker: String },
+    /// `attempt`: the job's attempt number, as `JobStarted` recorded it.
+    Succeed { attempt: u32, analysis: Analysis },
+    /// `attempt`: as for `Succeed`.
     Fail {
         attempt: u32,
         error: String,
         retryable: bool,
     },
     /// An operator sends a dead-lettered job round again.
-    Redrive {
-        by: String,
-    },
+    Redrive { by: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +223,8 @@ pub enum AiJobError {
     Finished,
     #[error("only a dead-lettered job can be redriven")]
     NotDeadLettered,
+    #[error("no such attempt was started")]
+    UnknownAttempt,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,12 +294,20 @@ impl AiJob {
                 if attempt <= self.attempt {
                     return Ok(vec![]);
                 }
+                let used = attempt - self.attempt_base;
+                if used > self.max_attempts {
+                    // The earlier attempts ended without an outcome (killed, timed out
+                    // unrecorded): the queue would dead-letter the message now; so does
+                    // the job, so that the two agree and a redrive can find it.
+                    return Ok(vec![AiJobEvent::JobDeadLettered {
+                        reason: format!("no outcome after {} attempts", used - 1),
+                    }]);
+                }
                 Ok(vec![AiJobEvent::JobStarted { attempt, worker }])
             }
             AiJobCommand::Succeed { attempt, analysis } => {
-                let attempt = self.attempt_base + attempt;
-                if self.finished() {
-                    return Ok(self.late(attempt, true));
+                if let Some(refused) = self.outcome_check(attempt, true)? {
+                    return Ok(refused);
                 }
                 Ok(vec![AiJobEvent::JobSucceeded {
                     attempt,
@@ -314,9 +319,8 @@ impl AiJob {
                 error,
                 retryable,
             } => {
-                let attempt = self.attempt_base + attempt;
-                if self.finished() {
-                    return Ok(self.late(attempt, false));
+                if let Some(refused) = self.outcome_check(attempt, false)? {
+                    return Ok(refused);
                 }
                 let error: String = error.chars().take(Analysis::MAX_ITEM_CHARS).collect();
                 let mut events = vec![AiJobEvent::AttemptFailed {
@@ -345,9 +349,21 @@ impl AiJob {
         }
     }
 
-    /// An outcome after the job finished: recorded once per attempt, never applied.
-    fn late(&self, attempt: u32, succeeded: bool) -> Vec<AiJobEvent> {
-        vec![AiJobEvent::LateOutcomeRecorded { attempt, succeeded }]
+    /// Only the current attempt's outcome is applied. One from an attempt that was never
+    /// started is refused; one from an earlier attempt (timed out, then overtaken), or
+    /// that arrives after the job finished, is recorded and not applied.
+    fn outcome_check(
+        &self,
+        attempt: u32,
+        succeeded: bool,
+    ) -> Result<Option<Vec<AiJobEvent>>, AiJobError> {
+        if attempt > self.attempt || attempt == 0 {
+            return Err(AiJobError::UnknownAttempt);
+        }
+        let current = self.status == JobStatus::Running
+            && attempt == self.attempt
+            && attempt > self.attempt_base;
+        Ok((!current).then(|| vec![AiJobEvent::LateOutcomeRecorded { attempt, succeeded }]))
     }
 }
 
@@ -618,6 +634,62 @@ mod tests {
             .given(vec![requested(), started(1)])
             .when(AiJobCommand::Redrive { by: "ops".into() })
             .then_expect_error(AiJobError::NotDeadLettered);
+    }
+
+    #[test]
+    fn only_the_current_attempt_decides() {
+        // Attempt 1 timed out and attempt 2 is running: attempt 1's failure, even a
+        // "not retryable" one, is recorded and changes nothing.
+        JobTest::with(())
+            .given(vec![requested(), started(1), started(2)])
+            .when(fail(1, false))
+            .then_expect_events(vec![AiJobEvent::LateOutcomeRecorded {
+                attempt: 1,
+                succeeded: false,
+            }]);
+        JobTest::with(())
+            .given(vec![requested(), started(1), started(2)])
+            .when(AiJobCommand::Succeed {
+                attempt: 1,
+                analysis: analysis(1),
+            })
+            .then_expect_events(vec![AiJobEvent::LateOutcomeRecorded {
+                attempt: 1,
+                succeeded: true,
+            }]);
+        // An attempt that never started has no outcome.
+        JobTest::with(())
+            .given(vec![requested(), started(1)])
+            .when(fail(2, true))
+            .then_expect_error(AiJobError::UnknownAttempt);
+        // After a redrive, an outcome from an attempt before it is late.
+        let dead = AiJobEvent::JobDeadLettered { reason: "x".into() };
+        JobTest::with(())
+            .given(vec![
+                requested(),
+                started(1),
+                failed(1, false),
+                dead,
+                AiJobEvent::JobRedriven { by: "ops".into() },
+                started(2),
+            ])
+            .when(fail(1, true))
+            .then_expect_events(vec![AiJobEvent::LateOutcomeRecorded {
+                attempt: 1,
+                succeeded: false,
+            }]);
+    }
+
+    #[test]
+    fn attempts_that_end_without_an_outcome_dead_letter_the_job() {
+        // Three attempts were killed before they could record anything; the fourth
+        // receive is one too many.
+        JobTest::with(())
+            .given(vec![requested(), started(1), started(2), started(3)])
+            .when(start(4))
+            .then_expect_events(vec![AiJobEvent::JobDeadLettered {
+                reason: "no outcome after 3 attempts".into(),
+            }]);
     }
 
     #[test]

@@ -105,7 +105,7 @@ impl SqliteQueue {
                 SET receive_count = receive_count + 1, receipt = lower(hex(randomblob(16))),
                     visible_at = ?3
               WHERE id IN (SELECT id FROM queue_messages
-                            WHERE queue = ?1 AND visible_at <= ?2
+                            WHERE queue = ?1 AND visible_at <= ?2 AND receive_count < ?5
                             ORDER BY visible_at, sent_at LIMIT ?4)
              RETURNING id, body, receipt, receive_count, sent_at",
         )
@@ -113,6 +113,7 @@ impl SqliteQueue {
         .bind(now)
         .bind(now.saturating_add(ms(visibility)))
         .bind(i64::from(max))
+        .bind(i64::from(self.max_receives))
         .fetch_all(&self.pool)
         .await
         .context("receiving")?;

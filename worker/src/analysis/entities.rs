@@ -36,11 +36,33 @@ static MONEY: LazyLock<Option<Regex>> = LazyLock::new(|| {
     .ok()
 });
 
+/// Runs of 13 or more digits in groups; [`card_in`] finds the card number in a run (a
+/// trailing group such as an expiry month may be caught with it).
 static CARD: LazyLock<Option<Regex>> =
-    LazyLock::new(|| Regex::new(r"\b\d(?:[\s-]?\d){12,18}\b").ok());
+    LazyLock::new(|| Regex::new(r"(?-u:\b)[0-9](?:[ \t\r\n-]?[0-9]){12,24}(?-u:\b)").ok());
 
-static IBAN: LazyLock<Option<Regex>> =
-    LazyLock::new(|| Regex::new(r"\b[A-Z]{2}\d{2}(?:\s?[A-Z0-9]){11,30}\b").ok());
+/// A country code, check digits and up to 30 more letters and digits in groups;
+/// [`iban_in`] finds the IBAN in it (a following word such as "BIC" may be caught).
+static IBAN: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    Regex::new(r"(?-u:\b)[A-Z]{2}[0-9]{2}(?:[ \t\r\n]?[A-Z0-9]){11,40}(?-u:\b)").ok()
+});
+
+/// The longest run of whole leading groups of `candidate` that `valid` accepts.
+fn leading_groups(candidate: &str, valid: impl Fn(&str) -> bool) -> Option<String> {
+    let groups: Vec<&str> = candidate.split([' ', '\t', '-']).collect();
+    (1..=groups.len())
+        .rev()
+        .map(|n| groups[..n].join(" "))
+        .find(|s| valid(s))
+}
+
+fn card_in(candidate: &str) -> Option<String> {
+    leading_groups(candidate, |s| luhn(&digits(s)))
+}
+
+fn iban_in(candidate: &str) -> Option<String> {
+    leading_groups(candidate, iban_valid)
+}
 
 fn matches(re: &LazyLock<Option<Regex>>, text: &str) -> Vec<String> {
     re.as_ref()
@@ -80,12 +102,12 @@ pub fn find(text: &str) -> Found {
     }
     let dates = matches(&DATE, text);
     let cards: Vec<String> = matches(&CARD, text)
-        .into_iter()
-        .filter(|c| luhn(&digits(c)))
+        .iter()
+        .filter_map(|c| card_in(c))
         .collect();
     let ibans: Vec<String> = matches(&IBAN, text)
-        .into_iter()
-        .filter(|i| iban_valid(i))
+        .iter()
+        .filter_map(|i| iban_in(i))
         .collect();
     let phones: Vec<String> = matches(&PHONE, text)
         .into_iter()
@@ -208,6 +230,10 @@ mod tests {
                 iban: true
             }
         );
+        // Followed by what usually follows them: an expiry date, a BIC.
+        let f =
+            find("Card 4111 1111 1111 1111 12/27. IBAN GB82 WEST 1234 5698 7654 32 BIC NWBKGB2L.");
+        assert!(f.pii.card_number && f.pii.iban, "{:?}", f.pii);
         let none = find("Nothing personal here: order 12345678, 3 items.");
         assert_eq!(none.pii, PiiFlags::default());
         assert!(none.entities.phone_numbers.is_empty());

@@ -3,7 +3,6 @@
 use std::io::{Cursor, Read};
 
 use domain::{ContentType, Sniffed};
-use file_format::FileFormat;
 
 use super::{AnalysisError, Limits};
 
@@ -46,13 +45,25 @@ pub fn extract(
     }
 }
 
-/// What the first bytes say a file is, for the upload's type check.
+/// What a file's bytes say it is, for the upload's type check: magic numbers only, since
+/// this runs in the worker itself on untrusted bytes (no parser; the isolated analysis
+/// then finds out whether a ZIP really is a DOCX). Works on a prefix too: a character cut
+/// at the end does not make text binary.
 pub fn sniff(bytes: &[u8]) -> Sniffed {
-    match FileFormat::from_bytes(bytes) {
-        FileFormat::PortableDocumentFormat => Sniffed::Pdf,
-        FileFormat::OfficeOpenXmlDocument => Sniffed::Docx,
-        _ if std::str::from_utf8(bytes).is_ok() && !bytes.contains(&0) => Sniffed::Text,
-        _ => Sniffed::Other,
+    let head = &bytes[..bytes.len().min(1024)];
+    if head.windows(5).any(|w| w == b"%PDF-") {
+        Sniffed::Pdf
+    } else if bytes.starts_with(b"PK\x03\x04") {
+        Sniffed::Docx
+    } else if !bytes.contains(&0)
+        && match std::str::from_utf8(bytes) {
+            Ok(_) => true,
+            Err(e) => e.error_len().is_none(),
+        }
+    {
+        Sniffed::Text
+    } else {
+        Sniffed::Other
     }
 }
 
@@ -257,6 +268,13 @@ mod tests {
         assert_eq!(sniff(b"<!DOCTYPE html><p>x</p>"), Sniffed::Text);
         assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0"), Sniffed::Other);
         assert_eq!(sniff(b"ab\xff\xfe"), Sniffed::Other);
+        assert_eq!(sniff(b"PK\x03\x04rest of a zip"), Sniffed::Docx);
+        // A prefix that cuts a character in two is still text.
+        assert_eq!(
+            sniff("caf\u{e9}".as_bytes().split_last().unwrap().1),
+            Sniffed::Text
+        );
+        assert_eq!(sniff(b"text\0with a NUL"), Sniffed::Other);
     }
 
     #[test]
