@@ -59,12 +59,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+s3_port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 base="http://127.0.0.1:${port}"
 admin_email="fuzz-admin@example.com"
 password="schemathesis-password-1"
 
 env KARMIC_DATA_DIR="$work/data" \
   KARMIC_HTTP_ADDR="127.0.0.1:${port}" \
+  KARMIC_S3_EMBEDDED_ADDR="127.0.0.1:${s3_port}" \
   KARMIC_LOG_FORMAT=json \
   KARMIC_ARGON2_MEMORY_KIB=1024 \
   KARMIC_ARGON2_ITERATIONS=1 \

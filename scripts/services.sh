@@ -2,6 +2,8 @@
 # Make sure the servers the test suite talks to are up. Idempotent and quick when they are.
 #   PostgreSQL on 127.0.0.1:5432 (trust auth, database `test`)
 #   Redis on 127.0.0.1:6379
+#   SecantusDB (DocumentDB stand-in) on 127.0.0.1:27017
+#   moto (S3 and SQS) on 127.0.0.1:5000
 set -euo pipefail
 
 log() { printf '[services] %s\n' "$*" >&2; }
@@ -52,6 +54,23 @@ if ! mongo_up; then
     > /var/tmp/karmic-secantus.log 2>&1 &
   for _ in $(seq 1 120); do mongo_up && break; sleep 0.5; done
   mongo_up || { log "SecantusDB did not start; see /var/tmp/karmic-secantus.log"; exit 1; }
+fi
+
+# moto: S3 and SQS stand-ins (no signature checks, no DLQ move tasks).
+MOTO_VERSION=5.2.1
+MOTO_PORT=${KARMIC_TEST_MOTO_PORT:-5000}
+moto_up() { curl -fsS -o /dev/null "http://127.0.0.1:${MOTO_PORT}/moto-api/" 2>/dev/null; }
+if ! moto_up; then
+  installed=$(pip show moto 2>/dev/null | sed -n 's/^Version: //p' || true)
+  if ! command -v moto_server >/dev/null || [ "$installed" != "$MOTO_VERSION" ] ||
+     ! python3 -c 'import flask, flask_cors' 2>/dev/null; then
+    log "installing moto ${MOTO_VERSION}"
+    pip install --quiet --disable-pip-version-check "moto[server]==${MOTO_VERSION}"
+  fi
+  log "starting moto on 127.0.0.1:${MOTO_PORT}"
+  nohup moto_server -H 127.0.0.1 -p "$MOTO_PORT" > /var/tmp/karmic-moto.log 2>&1 &
+  for _ in $(seq 1 120); do moto_up && break; sleep 0.5; done
+  moto_up || { log "moto did not start; see /var/tmp/karmic-moto.log"; exit 1; }
 fi
 
 # Drop databases left behind by test runs that were killed.

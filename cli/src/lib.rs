@@ -1,12 +1,14 @@
 //! The `karmic` command line: run the server, migrate, and operate the system.
 
+pub mod system;
+
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use commands::CommandMeta;
 use domain::Email;
-use handlers::{Application, Runtime, Settings};
+use handlers::{Runtime, Settings};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,8 +24,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the HTTP API and the projector. With no configuration: embedded SQLite under
-    /// ./karmic-data (KARMIC_DATA_DIR), listening on 127.0.0.1:8080 (KARMIC_HTTP_ADDR).
+    /// ./karmic-data (KARMIC_DATA_DIR), listening on 127.0.0.1:8080 (KARMIC_HTTP_ADDR),
+    /// with its own S3 endpoint on 127.0.0.1:8081 (KARMIC_S3_EMBEDDED_ADDR) and the
+    /// document worker in-process.
     Serve,
+    /// Run the document worker: long-poll the queue (SQS when KARMIC_SQS_QUEUE_URL is
+    /// set), analyse each upload in an isolated child process, record the outcome.
+    Worker,
+    /// The isolated analysis process the worker starts (not for use by hand).
+    #[command(hide = true)]
+    AnalyzeChild {
+        /// The settings the worker sends (JSON).
+        settings: String,
+    },
     /// Apply the database migrations and exit.
     Migrate,
     /// Manage accounts.
@@ -195,6 +208,14 @@ pub async fn main_entry() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if let Command::AnalyzeChild { .. } = cli.command {
+        // Reads stdin, writes stdout; its exit code is the result's.
+        let code = worker::isolate::child_main();
+        if code == ExitCode::SUCCESS {
+            return Ok(());
+        }
+        anyhow::bail!("the analysis could not report its result");
+    }
     if let Command::Openapi = cli.command {
         use std::io::Write;
         std::io::stdout().write_all(handlers::openapi::document().as_bytes())?;
@@ -205,9 +226,10 @@ async fn run(cli: Cli) -> Result<()> {
     tracing::info!(config = %settings.redacted_summary(), "configuration");
     match cli.command {
         Command::Serve => {
-            let app = Application::build(settings).await?;
-            app.run_until(handlers::app::shutdown_signal()).await
+            let system = system::System::build(settings).await?;
+            system.run_until(handlers::app::shutdown_signal()).await
         }
+        Command::Worker => system::run_worker(settings).await,
         Command::Migrate => {
             let mut s = settings;
             s.auto_migrate = true;
@@ -236,6 +258,6 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Projections { command } => projections(settings, command).await,
-        Command::Openapi => Ok(()),
+        Command::Openapi | Command::AnalyzeChild { .. } => Ok(()),
     }
 }

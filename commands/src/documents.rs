@@ -241,6 +241,11 @@ impl Documents {
             // This receive was one too many: the job is dead-lettered (move the message).
             return Err(CommandError::Rejected(AiJobError::Finished));
         }
+        if committed.written.is_empty() {
+            // Nothing new: this attempt (or a later one) was started by another delivery
+            // of the same notification. That delivery carries the job; this copy goes.
+            return Err(CommandError::Rejected(AiJobError::AlreadyStarted));
+        }
         match (state.object_key, state.content_type) {
             (Some(object_key), Some(content_type)) => Ok(StartedJob {
                 attempt: state.attempt_base + attempt,

@@ -225,6 +225,10 @@ pub enum AiJobError {
     NotDeadLettered,
     #[error("no such attempt was started")]
     UnknownAttempt,
+    /// The attempt named is already under way (a duplicate delivery of the message that
+    /// started it): the caller drops its copy.
+    #[error("this attempt has already been started")]
+    AlreadyStarted,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -165,6 +165,13 @@ impl FileName {
         if s.chars().any(char::is_control) {
             return Err(ValueError::ControlCharacters { field: "filename" });
         }
+        // A name, not a path: nothing downstream may mistake it for one.
+        if s.contains(['/', '\\']) {
+            return Err(ValueError::Forbidden {
+                field: "filename",
+                what: "path separators (/ or \\)",
+            });
+        }
         Ok(FileName(s.to_owned()))
     }
 
@@ -632,9 +639,14 @@ mod tests {
         assert!(FileName::parse("   ").is_err());
         assert!(FileName::parse("a\u{0}b").is_err());
         assert!(FileName::parse(&"x".repeat(256)).is_err());
+        // A name, not a path.
+        assert!(FileName::parse("../../etc/passwd").is_err());
+        assert!(FileName::parse("a\\b.pdf").is_err());
         assert_eq!(
-            FileName::parse("../../etc/passwd").unwrap().as_str(),
-            "../../etc/passwd"
+            FileName::parse("  Q3 report (final).pdf ")
+                .unwrap()
+                .as_str(),
+            "Q3 report (final).pdf"
         );
     }
 

@@ -24,6 +24,11 @@ pub enum ValueError {
     InvalidUrl { field: &'static str },
     #[error("{field} is not a valid id")]
     InvalidId { field: &'static str },
+    #[error("{field} must not contain {what}")]
+    Forbidden {
+        field: &'static str,
+        what: &'static str,
+    },
     #[error("{field} must be one of: {allowed}")]
     NotAllowed {
         field: &'static str,
@@ -48,6 +53,7 @@ impl ValueError {
             | ValueError::InvalidEmail { field }
             | ValueError::InvalidUrl { field }
             | ValueError::InvalidId { field }
+            | ValueError::Forbidden { field, .. }
             | ValueError::NotAllowed { field, .. }
             | ValueError::OutOfRange { field, .. } => field,
         }

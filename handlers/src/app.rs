@@ -10,6 +10,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::routing::{get, post};
 use commands::accounts::Accounts;
+use commands::documents::Documents;
 use commands::password::{HashingParams, PasswordHasher};
 use commands::profiles::Profiles;
 use commands::store::PoolSettings;
@@ -17,6 +18,7 @@ use commands::{AfterCommit, CommandMeta, Database, NoAfterCommit};
 use domain::Email;
 use projections::cache::{CacheSettings, CachedProfiles, LocalCache, ProfileCache, RedisCache};
 use projections::checkpoint::CheckpointStore;
+use projections::documents::{DocumentStore, DocumentsProjection, MongoDocuments, SqlDocuments};
 use projections::mongo::{MongoProfiles, MongoSettings};
 use projections::provisioner::ProfileProvisioner;
 use projections::read_models::{ProfileStore, ProfilesProjection, SqlProfiles, UsersProjection};
@@ -46,6 +48,11 @@ pub struct AppState {
     pub tokens: Arc<HmacTokens>,
     pub verifier: SharedVerifier,
     pub login_throttle: Arc<LoginThrottle>,
+    pub documents: Documents,
+    pub document_reader: Arc<dyn DocumentStore>,
+    pub objects: storage::ObjectStore,
+    /// The largest upload accepted (`KARMIC_UPLOAD_MAX_BYTES`).
+    pub upload_max_bytes: u64,
 }
 
 /// The request id (set by the request-id layer) as command metadata.
@@ -83,6 +90,7 @@ pub enum Service {
     Auth,
     Users,
     Profiles,
+    Documents,
 }
 
 /// The one router. The local server and every Lambda function are built from this.
@@ -105,6 +113,19 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
             "/profiles/{id}",
             get(routes::profiles::get_profile).put(routes::profiles::put_profile),
         );
+    }
+    if matches!(service, Service::All | Service::Documents) {
+        r = r
+            .route("/documents", get(routes::documents::list_documents))
+            .route("/documents/upload", post(routes::documents::request_upload))
+            .route(
+                "/documents/{id}",
+                get(routes::documents::get_document).delete(routes::documents::delete_document),
+            )
+            .route(
+                "/documents/{id}/download",
+                get(routes::documents::download_document),
+            );
     }
     r.fallback(|| async { ApiError::NotFound("no such route".to_owned()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
@@ -157,7 +178,13 @@ fn cors(settings: &Settings) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::OPTIONS])
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+        ])
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
@@ -208,6 +235,7 @@ impl Runtime {
         let read_models = ReadModels::new(&db);
         let projected = ReadModels::new(&projection_db);
         let profile_store = profile_store(&settings, &projected).await?;
+        let document_store = document_store(&settings, &projected).await?;
 
         // The provisioner issues commands; its own commits need no read-your-writes wait.
         let provisioner_accounts = Accounts::new(
@@ -220,6 +248,7 @@ impl Runtime {
             Arc::new(UsersProjection(projected)),
             Arc::new(ProfilesProjection(profile_store.clone())),
             Arc::new(ProfileProvisioner(provisioner_accounts)),
+            Arc::new(DocumentsProjection(document_store.clone())),
         ];
         let projector = Projector::new(
             projection_db.feed(),
@@ -241,7 +270,12 @@ impl Runtime {
             &settings.jwt_audience,
             settings.token_ttl,
         ));
+        let objects = storage::ObjectStore::connect(&s3_settings(&settings)).await?;
         let state = AppState {
+            documents: Documents::new(&db, after_commit.clone(), settings.job_max_attempts),
+            document_reader: document_store,
+            objects,
+            upload_max_bytes: settings.upload_max_bytes,
             accounts: Accounts::new(db.clone(), hasher, bootstrap, after_commit.clone()),
             profiles: Profiles::new(&db, after_commit),
             read_models,
@@ -265,6 +299,50 @@ impl Runtime {
     pub fn router(&self, service: Service) -> Router {
         router(self.state.clone(), service, &self.settings)
     }
+}
+
+/// Object storage as configured: S3 (AWS or a stand-in at `KARMIC_S3_ENDPOINT`), or the
+/// embedded endpoint `karmic serve` runs on `KARMIC_S3_EMBEDDED_ADDR`.
+pub fn s3_settings(settings: &Settings) -> storage::S3Settings {
+    let endpoint = settings.s3_endpoint.clone().or_else(|| {
+        settings
+            .is_embedded()
+            .then(|| format!("http://{}", settings.s3_embedded_addr))
+    });
+    storage::S3Settings {
+        force_path_style: endpoint.is_some(),
+        endpoint,
+        bucket: settings.s3_bucket.clone(),
+        region: settings.aws_region.clone(),
+        credentials: settings.aws_credentials.clone(),
+        upload_expiry: settings.upload_url_ttl,
+        download_expiry: settings.download_url_ttl,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+/// The documents read model: DocumentDB when configured, else SQL.
+async fn document_store(
+    settings: &Settings,
+    read_models: &ReadModels,
+) -> Result<Arc<dyn DocumentStore>> {
+    use secrecy::ExposeSecret;
+    Ok(match &settings.mongodb_url {
+        Some(url) => {
+            let mongo = MongoDocuments::connect(&MongoSettings {
+                url: url.expose_secret().to_owned(),
+                database: settings.mongodb_database.clone(),
+                tls_ca_file: settings.mongodb_tls_ca_file.clone(),
+                timeout: settings.mongodb_timeout,
+            })
+            .await?;
+            if settings.auto_migrate {
+                mongo.migrate().await?;
+            }
+            Arc::new(mongo)
+        }
+        None => Arc::new(SqlDocuments::new(read_models.clone())),
+    })
 }
 
 /// The profile read model as configured: DocumentDB or SQL, behind Redis, behind an

@@ -86,6 +86,61 @@ pub struct Settings {
     /// Entries of the Redis-invalidated in-process copy of cached profiles, 0 = off
     /// (`KARMIC_REDIS_NEAR_CACHE_ENTRIES`).
     pub redis_near_cache_entries: usize,
+
+    /// The largest upload accepted, in bytes (`KARMIC_UPLOAD_MAX_BYTES`, 25 MiB).
+    pub upload_max_bytes: u64,
+    /// How long a presigned upload URL works (`KARMIC_UPLOAD_URL_TTL_SECS`, 300).
+    pub upload_url_ttl: Duration,
+    /// How long a presigned download URL works (`KARMIC_DOWNLOAD_URL_TTL_SECS`, 300).
+    pub download_url_ttl: Duration,
+    /// The S3 endpoint (`KARMIC_S3_ENDPOINT`); unset: AWS, or in the embedded
+    /// configuration the process's own endpoint on `s3_embedded_addr`.
+    pub s3_endpoint: Option<String>,
+    /// The documents bucket (`KARMIC_S3_BUCKET`).
+    pub s3_bucket: String,
+    /// Where `karmic serve` runs its own S3 endpoint when embedded
+    /// (`KARMIC_S3_EMBEDDED_ADDR`, 127.0.0.1:8081; port 0 picks one).
+    pub s3_embedded_addr: SocketAddr,
+    /// The AWS region of S3 and SQS (`KARMIC_AWS_REGION`).
+    pub aws_region: String,
+    /// Static keys for S3 and SQS stand-ins (`KARMIC_AWS_ACCESS_KEY_ID`,
+    /// `KARMIC_AWS_SECRET_ACCESS_KEY`); unset in AWS, where the role's credentials are
+    /// found by the default chain.
+    pub aws_credentials: Option<(String, SecretString)>,
+    /// The SQS endpoint (`KARMIC_SQS_ENDPOINT`); unset: AWS's.
+    pub sqs_endpoint: Option<String>,
+    /// The queue of storage notifications (`KARMIC_SQS_QUEUE_URL`); unset: the embedded
+    /// queue.
+    pub sqs_queue_url: Option<String>,
+    /// Its dead-letter queue (`KARMIC_SQS_DLQ_URL`); unset: from its redrive policy.
+    pub sqs_dlq_url: Option<String>,
+    /// Attempts an analysis job gets (`KARMIC_JOB_MAX_ATTEMPTS`, 3). The queue's
+    /// `maxReceiveCount` must be one more (see docs/documents.md).
+    pub job_max_attempts: u32,
+    /// `KARMIC_WORKER_ID` (default `host:pid`).
+    pub worker_id: Option<String>,
+    /// Messages a worker handles at once (`KARMIC_WORKER_CONCURRENCY`, the CPU count).
+    pub worker_concurrency: Option<usize>,
+    /// Long-poll wait (`KARMIC_WORKER_WAIT_SECS`, 20).
+    pub worker_wait: Duration,
+    /// Visibility timeout per receive and heartbeat (`KARMIC_WORKER_VISIBILITY_SECS`, 600).
+    pub worker_visibility: Duration,
+    /// Heartbeat interval (`KARMIC_WORKER_HEARTBEAT_SECS`, 60).
+    pub worker_heartbeat: Duration,
+    /// Grace period after SIGTERM (`KARMIC_WORKER_SHUTDOWN_SECS`, 30).
+    pub worker_shutdown_grace: Duration,
+    /// First retry delay of a retryable failure (`KARMIC_WORKER_RETRY_DELAY_MS`, 5000).
+    pub worker_retry_delay: Duration,
+    /// Does `karmic serve` run the worker in-process (`KARMIC_WORKER_IN_PROCESS`;
+    /// default: when embedded)?
+    pub worker_in_process: Option<bool>,
+    /// Wall-clock limit of one analysis (`KARMIC_ANALYZER_TIMEOUT_MS`, 60000).
+    pub analyzer_timeout: Duration,
+    /// Address-space limit of the analysis child (`KARMIC_ANALYZER_MEMORY_MB`, 1024).
+    pub analyzer_memory_mb: u64,
+    /// The analysis child program (`KARMIC_ANALYZER_PROGRAM`; default `karmic-analyze`
+    /// next to the running executable).
+    pub analyzer_program: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -135,6 +190,28 @@ struct FileSettings {
     profile_cache_ttl_secs: Option<u64>,
     redis_timeout_ms: Option<u64>,
     redis_near_cache_entries: Option<usize>,
+    upload_max_bytes: Option<u64>,
+    upload_url_ttl_secs: Option<u64>,
+    download_url_ttl_secs: Option<u64>,
+    s3_endpoint: Option<String>,
+    s3_bucket: Option<String>,
+    s3_embedded_addr: Option<String>,
+    aws_region: Option<String>,
+    sqs_endpoint: Option<String>,
+    sqs_queue_url: Option<String>,
+    sqs_dlq_url: Option<String>,
+    job_max_attempts: Option<u32>,
+    worker_id: Option<String>,
+    worker_concurrency: Option<usize>,
+    worker_wait_secs: Option<u64>,
+    worker_visibility_secs: Option<u64>,
+    worker_heartbeat_secs: Option<u64>,
+    worker_shutdown_secs: Option<u64>,
+    worker_retry_delay_ms: Option<u64>,
+    worker_in_process: Option<bool>,
+    analyzer_timeout_ms: Option<u64>,
+    analyzer_memory_mb: Option<u64>,
+    analyzer_program: Option<PathBuf>,
 }
 
 impl Default for Settings {
@@ -175,6 +252,29 @@ impl Default for Settings {
             profile_cache_ttl: Duration::from_secs(300),
             redis_timeout: Duration::from_millis(50),
             redis_near_cache_entries: 10_000,
+            upload_max_bytes: 25 << 20,
+            upload_url_ttl: Duration::from_secs(300),
+            download_url_ttl: Duration::from_secs(300),
+            s3_endpoint: None,
+            s3_bucket: "karmic-documents".to_owned(),
+            s3_embedded_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            aws_region: "us-east-1".to_owned(),
+            aws_credentials: None,
+            sqs_endpoint: None,
+            sqs_queue_url: None,
+            sqs_dlq_url: None,
+            job_max_attempts: 3,
+            worker_id: None,
+            worker_concurrency: None,
+            worker_wait: Duration::from_secs(20),
+            worker_visibility: Duration::from_secs(600),
+            worker_heartbeat: Duration::from_secs(60),
+            worker_shutdown_grace: Duration::from_secs(30),
+            worker_retry_delay: Duration::from_secs(5),
+            worker_in_process: None,
+            analyzer_timeout: Duration::from_secs(60),
+            analyzer_memory_mb: 1024,
+            analyzer_program: None,
         }
     }
 }
@@ -318,6 +418,72 @@ impl Settings {
         if let Some(v) = f.redis_near_cache_entries {
             self.redis_near_cache_entries = v;
         }
+        if let Some(v) = f.upload_max_bytes {
+            self.upload_max_bytes = v;
+        }
+        if let Some(v) = f.upload_url_ttl_secs {
+            self.upload_url_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = f.download_url_ttl_secs {
+            self.download_url_ttl = Duration::from_secs(v);
+        }
+        if let Some(v) = f.s3_endpoint {
+            self.s3_endpoint = Some(v);
+        }
+        if let Some(v) = f.s3_bucket {
+            self.s3_bucket = v;
+        }
+        if let Some(v) = f.s3_embedded_addr {
+            self.s3_embedded_addr = parse("s3_embedded_addr", &v)?;
+        }
+        if let Some(v) = f.aws_region {
+            self.aws_region = v;
+        }
+        if let Some(v) = f.sqs_endpoint {
+            self.sqs_endpoint = Some(v);
+        }
+        if let Some(v) = f.sqs_queue_url {
+            self.sqs_queue_url = Some(v);
+        }
+        if let Some(v) = f.sqs_dlq_url {
+            self.sqs_dlq_url = Some(v);
+        }
+        if let Some(v) = f.job_max_attempts {
+            self.job_max_attempts = v;
+        }
+        if let Some(v) = f.worker_id {
+            self.worker_id = Some(v);
+        }
+        if let Some(v) = f.worker_concurrency {
+            self.worker_concurrency = Some(v);
+        }
+        if let Some(v) = f.worker_wait_secs {
+            self.worker_wait = Duration::from_secs(v);
+        }
+        if let Some(v) = f.worker_visibility_secs {
+            self.worker_visibility = Duration::from_secs(v);
+        }
+        if let Some(v) = f.worker_heartbeat_secs {
+            self.worker_heartbeat = Duration::from_secs(v);
+        }
+        if let Some(v) = f.worker_shutdown_secs {
+            self.worker_shutdown_grace = Duration::from_secs(v);
+        }
+        if let Some(v) = f.worker_retry_delay_ms {
+            self.worker_retry_delay = Duration::from_millis(v);
+        }
+        if let Some(v) = f.worker_in_process {
+            self.worker_in_process = Some(v);
+        }
+        if let Some(v) = f.analyzer_timeout_ms {
+            self.analyzer_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = f.analyzer_memory_mb {
+            self.analyzer_memory_mb = v;
+        }
+        if let Some(v) = f.analyzer_program {
+            self.analyzer_program = Some(v);
+        }
         Ok(())
     }
 
@@ -439,6 +605,84 @@ impl Settings {
         if let Some(v) = get("KARMIC_REDIS_NEAR_CACHE_ENTRIES") {
             self.redis_near_cache_entries = parse("KARMIC_REDIS_NEAR_CACHE_ENTRIES", v)?;
         }
+        let secs = |name: &str, v: &str| parse(name, v).map(Duration::from_secs);
+        let millis = |name: &str, v: &str| parse(name, v).map(Duration::from_millis);
+        if let Some(v) = get("KARMIC_UPLOAD_MAX_BYTES") {
+            self.upload_max_bytes = parse("KARMIC_UPLOAD_MAX_BYTES", v)?;
+        }
+        if let Some(v) = get("KARMIC_UPLOAD_URL_TTL_SECS") {
+            self.upload_url_ttl = secs("KARMIC_UPLOAD_URL_TTL_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_DOWNLOAD_URL_TTL_SECS") {
+            self.download_url_ttl = secs("KARMIC_DOWNLOAD_URL_TTL_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_S3_ENDPOINT") {
+            self.s3_endpoint = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_S3_BUCKET") {
+            self.s3_bucket = v.to_owned();
+        }
+        if let Some(v) = get("KARMIC_S3_EMBEDDED_ADDR") {
+            self.s3_embedded_addr = parse("KARMIC_S3_EMBEDDED_ADDR", v)?;
+        }
+        if let Some(v) = get("KARMIC_AWS_REGION") {
+            self.aws_region = v.to_owned();
+        }
+        match (
+            get("KARMIC_AWS_ACCESS_KEY_ID"),
+            get("KARMIC_AWS_SECRET_ACCESS_KEY"),
+        ) {
+            (Some(k), Some(s)) => self.aws_credentials = Some((k.to_owned(), s.to_owned().into())),
+            (None, None) => {}
+            _ => bail!(
+                "KARMIC_AWS_ACCESS_KEY_ID and KARMIC_AWS_SECRET_ACCESS_KEY go together (or neither: the default AWS credential chain)"
+            ),
+        }
+        if let Some(v) = get("KARMIC_SQS_ENDPOINT") {
+            self.sqs_endpoint = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_SQS_QUEUE_URL") {
+            self.sqs_queue_url = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_SQS_DLQ_URL") {
+            self.sqs_dlq_url = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_JOB_MAX_ATTEMPTS") {
+            self.job_max_attempts = parse("KARMIC_JOB_MAX_ATTEMPTS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_ID") {
+            self.worker_id = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_WORKER_CONCURRENCY") {
+            self.worker_concurrency = Some(parse("KARMIC_WORKER_CONCURRENCY", v)?);
+        }
+        if let Some(v) = get("KARMIC_WORKER_WAIT_SECS") {
+            self.worker_wait = secs("KARMIC_WORKER_WAIT_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_VISIBILITY_SECS") {
+            self.worker_visibility = secs("KARMIC_WORKER_VISIBILITY_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_HEARTBEAT_SECS") {
+            self.worker_heartbeat = secs("KARMIC_WORKER_HEARTBEAT_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_SHUTDOWN_SECS") {
+            self.worker_shutdown_grace = secs("KARMIC_WORKER_SHUTDOWN_SECS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_RETRY_DELAY_MS") {
+            self.worker_retry_delay = millis("KARMIC_WORKER_RETRY_DELAY_MS", v)?;
+        }
+        if let Some(v) = get("KARMIC_WORKER_IN_PROCESS") {
+            self.worker_in_process = Some(parse("KARMIC_WORKER_IN_PROCESS", v)?);
+        }
+        if let Some(v) = get("KARMIC_ANALYZER_TIMEOUT_MS") {
+            self.analyzer_timeout = millis("KARMIC_ANALYZER_TIMEOUT_MS", v)?;
+        }
+        if let Some(v) = get("KARMIC_ANALYZER_MEMORY_MB") {
+            self.analyzer_memory_mb = parse("KARMIC_ANALYZER_MEMORY_MB", v)?;
+        }
+        if let Some(v) = get("KARMIC_ANALYZER_PROGRAM") {
+            self.analyzer_program = Some(PathBuf::from(v));
+        }
         Ok(())
     }
 
@@ -494,6 +738,45 @@ impl Settings {
         }
         if self.token_ttl < Duration::from_secs(60) {
             bail!("KARMIC_TOKEN_TTL_SECS must be at least 60");
+        }
+        if self.upload_max_bytes == 0 || self.upload_max_bytes > 5 << 30 {
+            bail!("KARMIC_UPLOAD_MAX_BYTES must be between 1 and 5 GiB (one S3 PUT)");
+        }
+        // SigV4 presigned URLs last at most 7 days.
+        for (name, ttl) in [
+            ("KARMIC_UPLOAD_URL_TTL_SECS", self.upload_url_ttl),
+            ("KARMIC_DOWNLOAD_URL_TTL_SECS", self.download_url_ttl),
+        ] {
+            if ttl.is_zero() || ttl > Duration::from_secs(7 * 24 * 3600) {
+                bail!("{name} must be between 1 and 604800");
+            }
+        }
+        if self.s3_bucket.is_empty() {
+            bail!("KARMIC_S3_BUCKET must not be empty");
+        }
+        if !(1..=100).contains(&self.job_max_attempts) {
+            bail!("KARMIC_JOB_MAX_ATTEMPTS must be between 1 and 100");
+        }
+        if self.worker_concurrency == Some(0) {
+            bail!("KARMIC_WORKER_CONCURRENCY must be at least 1");
+        }
+        if self.worker_wait > Duration::from_secs(20) {
+            bail!("KARMIC_WORKER_WAIT_SECS must be at most 20 (SQS's longest poll)");
+        }
+        if self.worker_visibility.is_zero() || self.worker_visibility > Duration::from_secs(43_200)
+        {
+            bail!("KARMIC_WORKER_VISIBILITY_SECS must be between 1 and 43200 (SQS's range)");
+        }
+        if self.worker_heartbeat.is_zero() || self.worker_heartbeat >= self.worker_visibility {
+            bail!(
+                "KARMIC_WORKER_HEARTBEAT_SECS must be at least 1 and less than KARMIC_WORKER_VISIBILITY_SECS"
+            );
+        }
+        if self.analyzer_timeout < Duration::from_millis(100) {
+            bail!("KARMIC_ANALYZER_TIMEOUT_MS must be at least 100");
+        }
+        if self.analyzer_memory_mb < 64 {
+            bail!("KARMIC_ANALYZER_MEMORY_MB must be at least 64");
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use crate::routes;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Karmic API", description = "Accounts, users and profiles. Errors are \
+    info(title = "Karmic API", description = "Accounts, users, profiles and documents. Errors are \
         application/problem+json (RFC 9457); their `type` is `https://karmic.dev/problems/<slug>`.\n\n\
         Every operation may answer 429 with `Retry-After` when a client exceeds its request rate \
         (`karmic serve`; in AWS, API Gateway throttles), 503 with `Retry-After` when a request runs \
@@ -37,6 +37,11 @@ use crate::routes;
         routes::users::get_user,
         routes::profiles::get_profile,
         routes::profiles::put_profile,
+        routes::documents::request_upload,
+        routes::documents::list_documents,
+        routes::documents::get_document,
+        routes::documents::download_document,
+        routes::documents::delete_document,
     ),
     components(
         schemas(crate::problem::Problem, crate::problem::FieldError, IfMatch, IfNoneMatch),
@@ -54,6 +59,7 @@ use crate::routes;
         (name = "auth", description = "Registration and sign-in"),
         (name = "users", description = "Accounts"),
         (name = "profiles", description = "Public profiles"),
+        (name = "documents", description = "Uploads (presigned, straight to storage), analysis results, downloads"),
         (name = "health", description = "Liveness"),
     )
 )]
@@ -237,7 +243,7 @@ impl ResponseHeaders {
                 .schema_type(Type::String)
                 .pattern(Some(r#"^"[0-9]+"$"#)),
             "Location" => ObjectBuilder::new().schema_type(Type::String).pattern(Some(
-                "^/users/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+                "^/(?:users|documents)/[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
             )),
             "WWW-Authenticate" => ObjectBuilder::new()
                 .schema_type(Type::String)

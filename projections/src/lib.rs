@@ -10,6 +10,7 @@
 
 pub mod cache;
 pub mod checkpoint;
+pub mod documents;
 pub mod engine;
 pub mod mongo;
 pub mod ops;
@@ -17,5 +18,9 @@ pub mod provisioner;
 pub mod read_models;
 
 pub use checkpoint::CheckpointStore;
+pub use documents::{
+    DocumentState, DocumentStore, DocumentView, DocumentsProjection, JobState, JobView,
+    MongoDocuments, SqlDocuments,
+};
 pub use engine::{Projection, Projector, ProjectorSettings};
 pub use read_models::{ProfileView, ReadModels, UserView};

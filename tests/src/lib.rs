@@ -85,6 +85,11 @@ impl TestDb {
             self.dir.path().display().to_string(),
         );
         env.insert("KARMIC_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned());
+        // `karmic serve`'s own S3 endpoint: a free port per test.
+        env.insert(
+            "KARMIC_S3_EMBEDDED_ADDR".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        );
         env.insert("KARMIC_JWT_SECRET".to_owned(), TEST_JWT_SECRET.to_owned());
         // Cheap hashing keeps the suite fast; the real parameters are covered by the
         // login-timing and benchmark runs.
@@ -115,6 +120,10 @@ impl TestDb {
             ("KARMIC_ARGON2_MEMORY_KIB".to_owned(), "1024".to_owned()),
             ("KARMIC_ARGON2_ITERATIONS".to_owned(), "1".to_owned()),
             ("KARMIC_DB_MAX_CONNECTIONS".to_owned(), "5".to_owned()),
+            (
+                "KARMIC_S3_EMBEDDED_ADDR".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
         ];
         v.extend(
             THROTTLES_OFF
@@ -188,6 +197,15 @@ impl TestMongo {
 
     pub async fn profiles(&self) -> projections::mongo::MongoProfiles {
         let m = projections::mongo::MongoProfiles::connect(&self.settings())
+            .await
+            .unwrap();
+        m.migrate().await.unwrap();
+        m
+    }
+
+    /// The documents read model in this database, indexes created.
+    pub async fn documents(&self) -> projections::MongoDocuments {
+        let m = projections::MongoDocuments::connect(&self.settings())
             .await
             .unwrap();
         m.migrate().await.unwrap();

@@ -175,6 +175,11 @@ async fn a_job_lives_through_its_attempts(backend: Backend) {
     docs.start_job(job, 1, "w1", &meta()).await.unwrap();
     // The message's visibility ran out; a second worker starts attempt 2 and wins.
     docs.start_job(job, 2, "w2", &meta()).await.unwrap();
+    // A duplicate delivery of the notification (same receive count) does not run it twice.
+    assert!(matches!(
+        docs.start_job(job, 2, "w3", &meta()).await,
+        Err(CommandError::Rejected(AiJobError::AlreadyStarted))
+    ));
     let result = |words| Analysis {
         sha256: "ab".into(),
         words,

@@ -18,7 +18,7 @@ async fn status_shows_checkpoint_head_and_lag(backend: Backend) {
         let status = ops::status(&rt.projector).await.unwrap();
         let read_models_current = status
             .iter()
-            .filter(|s| s.name != "profile_provisioner")
+            .filter(|s| !["profile_provisioner", "documents"].contains(&s.name.as_str()))
             .all(|s| s.lag_events == 0);
         assert!(read_models_current, "{status:?}");
         if status.iter().all(|s| s.lag_events == 0) || std::time::Instant::now() > deadline {
@@ -27,7 +27,10 @@ async fn status_shows_checkpoint_head_and_lag(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
-    assert_eq!(names, vec!["users", "profiles", "profile_provisioner"]);
+    assert_eq!(
+        names,
+        vec!["users", "profiles", "profile_provisioner", "documents"]
+    );
     assert!(
         status
             .iter()
@@ -67,7 +70,7 @@ async fn status_shows_checkpoint_head_and_lag(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(json.as_array().unwrap().len(), 3);
+    assert_eq!(json.as_array().unwrap().len(), 4);
     assert_eq!(json[1]["name"], "profiles");
     assert_eq!(json[1]["lag_events"], 1);
 

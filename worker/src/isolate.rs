@@ -110,15 +110,24 @@ impl Analyzer for IsolatedAnalyzer {
                 ))
             })?;
         let stdin = child.stdin.take();
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let feed = async move {
             if let Some(mut stdin) = stdin {
                 // A child that dies early closes its end: its exit status tells why.
                 let _ = stdin.write_all(&bytes).await;
             }
         };
+        // The child's output is read up to a bound, whatever it writes: a child that
+        // writes on past it blocks, and the wall clock ends it.
+        let read_out = read_capped(stdout, MAX_STDOUT);
+        let read_err = read_capped(stderr, MAX_STDERR);
         let run = async {
-            let ((), output) = tokio::join!(feed, child.wait_with_output());
-            output
+            let ((), stdout, stderr) = tokio::join!(feed, read_out, read_err);
+            child.wait().await.map(|status| std::process::Output {
+                status,
+                stdout,
+                stderr,
+            })
         };
         let output = match tokio::time::timeout(self.timeout, run).await {
             // Dropping the future killed the child (`kill_on_drop`).
@@ -150,6 +159,20 @@ impl Analyzer for IsolatedAnalyzer {
             }
         }
     }
+}
+
+/// The most of the child's stdout read: a result is bounded far below this.
+const MAX_STDOUT: u64 = 4 << 20;
+/// The most of its stderr kept (a panic message and backtrace).
+const MAX_STDERR: u64 = 64 << 10;
+
+async fn read_capped<R: tokio::io::AsyncRead + Unpin>(from: Option<R>, cap: u64) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    if let Some(from) = from {
+        let _ = from.take(cap).read_to_end(&mut buf).await;
+    }
+    buf
 }
 
 /// The child's `main`: limit this process, read the file from stdin, analyse it, write

@@ -41,8 +41,9 @@ pub trait JobQueue: Send + Sync {
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool>;
     /// `false`: the receipt is stale.
     async fn delete(&self, receipt: &str) -> Result<bool>;
-    /// Move the message to the dead-letter queue now (retrying cannot help).
-    async fn dead_letter(&self, receipt: &str) -> Result<bool>;
+    /// Move the message to the dead-letter queue now (retrying cannot help). `false`:
+    /// the receipt is stale.
+    async fn dead_letter(&self, message: &Received) -> Result<bool>;
     /// Messages waiting in the dead-letter queue.
     async fn dead_letters(&self) -> Result<Vec<(String, String)>>;
 }
@@ -192,7 +193,8 @@ impl JobQueue for SqliteQueue {
         Ok(n == 1)
     }
 
-    async fn dead_letter(&self, receipt: &str) -> Result<bool> {
+    async fn dead_letter(&self, message: &Received) -> Result<bool> {
+        let receipt = &message.receipt;
         let n = sqlx::query(
             "UPDATE queue_messages SET queue = ?2, visible_at = ?3, receive_count = 0,
                     receipt = NULL WHERE receipt = ?1",

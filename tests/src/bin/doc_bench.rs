@@ -1,0 +1,402 @@
+//! The document pipeline's figures (docs/benchmarks.md, issue 9), each beside a baseline
+//! from the same run:
+//!
+//! * worker throughput (documents/s) on a mixed corpus of ≥ 200 files up to 1 MB: every
+//!   upload is made and notified first, then a worker (embedded queue, isolated analysis,
+//!   events, projections) is started and timed until every job has succeeded. Baseline:
+//!   the same analyses in this process with no isolation, queue or events, on as many
+//!   threads as the worker has slots;
+//! * end-to-end latency from the end of the PUT to the result being visible through
+//!   `GET /documents/{id}` (p50, p99), one upload at a time, in the embedded default.
+//!   Baseline: the isolated analysis alone for the same file;
+//! * peak memory: this process's (API + worker + embedded S3) and the largest analysis
+//!   child's.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../worker/tests/fixtures");
+const PDF: &str = "application/pdf";
+const DOCX: &str = "application/vnd.openxmlformats-officedocument.wordprocessingml.document";
+
+const WORDS: &[&str] = &[
+    "revenue",
+    "invoice",
+    "quarter",
+    "warehouse",
+    "budget",
+    "board",
+    "contract",
+    "supplier",
+    "customer",
+    "region",
+    "growth",
+    "margin",
+    "forecast",
+    "payment",
+    "delivery",
+    "audit",
+    "report",
+    "project",
+    "schedule",
+    "risk",
+    "compliance",
+    "policy",
+    "office",
+    "team",
+];
+
+/// Prose of about `bytes` bytes, with sentences, numbers, emails and dates.
+fn prose(seed: usize, bytes: usize) -> String {
+    let mut s = String::with_capacity(bytes + 200);
+    let mut i = seed;
+    while s.len() < bytes {
+        i = i
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let w = |k: usize| WORDS[(i >> (k * 5)) % WORDS.len()];
+        s.push_str(&format!(
+            "The {} for the {} {} was approved on 2026-{:02}-{:02} for ${}.{:02}. Contact {}@example.com about the {} {}. ",
+            w(1), w(2), w(3), (i >> 7) % 12 + 1, (i >> 11) % 28 + 1, (i >> 13) % 100_000, (i >> 3) % 100,
+            w(4), w(5), w(6)
+        ));
+    }
+    s
+}
+
+/// ≥ 200 files, up to 1 MB: the real PDF and DOCX fixtures and generated text formats of
+/// sizes from 2 KB to 1 MB.
+fn corpus() -> Vec<(String, &'static str, Vec<u8>)> {
+    let pdf = std::fs::read(format!("{FIXTURES}/report.pdf")).unwrap();
+    let docx = std::fs::read(format!("{FIXTURES}/report.docx")).unwrap();
+    let sizes = [2_000usize, 8_000, 30_000, 120_000, 400_000, 1_000_000];
+    let mut out = Vec::new();
+    for i in 0..210 {
+        let size = sizes[i % sizes.len()];
+        match i % 6 {
+            0 => out.push((format!("r{i}.pdf"), PDF, pdf.clone())),
+            1 => out.push((format!("r{i}.docx"), DOCX, docx.clone())),
+            2 => out.push((
+                format!("t{i}.txt"),
+                "text/plain",
+                prose(i, size).into_bytes(),
+            )),
+            3 => out.push((
+                format!("m{i}.md"),
+                "text/markdown",
+                format!("# Notes {i}\n\n{}", prose(i, size)).into_bytes(),
+            )),
+            4 => out.push((
+                format!("h{i}.html"),
+                "text/html",
+                format!(
+                    "<html><body><h1>Notes</h1><p>{}</p></body></html>",
+                    prose(i, size)
+                )
+                .into_bytes(),
+            )),
+            _ => {
+                let mut csv = String::from("id,comment\n");
+                let mut n = 0;
+                while csv.len() < size {
+                    csv.push_str(&format!("{n},\"{}\"\n", prose(i + n, 200)));
+                    n += 1;
+                }
+                out.push((format!("c{i}.csv"), "text/csv", csv.into_bytes()));
+            }
+        }
+    }
+    out
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Peak RSS of the largest reaped child (the analysis processes), KiB.
+fn children_max_rss_kb() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)
+        .map(|u| u.max_rss())
+        .unwrap_or(0)
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Api {
+    async fn upload(&self, name: &str, ct: &str, bytes: Vec<u8>) -> (String, Instant) {
+        let r = self
+            .http
+            .post(format!("{}/documents/upload", self.base))
+            .bearer_auth(&self.token)
+            .json(&json!({"filename": name, "content_type": ct, "size": bytes.len()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let grant: Value = r.json().await.unwrap();
+        let up = &grant["upload"];
+        let mut req = self.http.put(up["url"].as_str().unwrap());
+        for (k, v) in up["headers"].as_object().unwrap() {
+            if !k.eq_ignore_ascii_case("content-length") {
+                req = req.header(k, v.as_str().unwrap());
+            }
+        }
+        assert_eq!(req.body(bytes).send().await.unwrap().status(), 200);
+        (
+            grant["document_id"].as_str().unwrap().to_owned(),
+            Instant::now(),
+        )
+    }
+
+    async fn status(&self, id: &str) -> String {
+        let doc: Value = self
+            .http
+            .get(format!("{}/documents/{id}", self.base))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        doc["job"]["status"].as_str().unwrap_or("").to_owned()
+    }
+}
+
+async fn signed_in(base: &str) -> Api {
+    let http = reqwest::Client::new();
+    let email = format!("bench{}@example.com", uuid::Uuid::new_v4().simple());
+    let pw = "correct horse battery staple";
+    let r = http
+        .post(format!("{base}/auth/register"))
+        .json(&json!({"email": email, "password": pw, "display_name": "Bench"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let token: Value = http
+        .post(format!("{base}/auth/login"))
+        .json(&json!({"email": email, "password": pw}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Api {
+        base: base.to_owned(),
+        http,
+        token: token["access_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+fn analyzer_program() -> std::path::PathBuf {
+    let me = std::env::current_exe().unwrap();
+    me.with_file_name("karmic-under-test")
+}
+
+#[tokio::main]
+async fn main() {
+    let files = corpus();
+    let total_bytes: usize = files.iter().map(|f| f.2.len()).sum();
+    let slots = std::thread::available_parallelism().map_or(2, usize::from);
+    println!(
+        "corpus: {} files, {:.1} MB, largest {} KB; {} worker slots",
+        files.len(),
+        total_bytes as f64 / 1e6,
+        files.iter().map(|f| f.2.len()).max().unwrap() / 1000,
+        slots
+    );
+
+    // Baseline: the analyses alone, in this process, on `slots` threads.
+    let shared = Arc::new(files.clone());
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..slots)
+        .map(|_| {
+            let (shared, next) = (shared.clone(), next.clone());
+            std::thread::spawn(move || {
+                let limits = worker::Limits::default();
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((_, ct, bytes)) = shared.get(i) else {
+                        break;
+                    };
+                    let ct = domain::ContentType::parse(ct).unwrap();
+                    worker::analysis::analyze_bytes(bytes, ct, &limits).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let baseline = files.len() as f64 / started.elapsed().as_secs_f64();
+    println!("baseline: in-process analysis, no isolation/queue/events: {baseline:.1} documents/s");
+
+    // The system, embedded, with the worker held back.
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = std::collections::HashMap::new();
+    env.insert(
+        "KARMIC_DATA_DIR".to_owned(),
+        dir.path().display().to_string(),
+    );
+    env.insert("KARMIC_HTTP_ADDR".to_owned(), "127.0.0.1:0".to_owned());
+    env.insert(
+        "KARMIC_S3_EMBEDDED_ADDR".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    );
+    env.insert("KARMIC_RATE_LIMIT_PER_SEC".to_owned(), "0".to_owned());
+    env.insert("KARMIC_WORKER_IN_PROCESS".to_owned(), "false".to_owned());
+    env.insert("KARMIC_LOG_FORMAT".to_owned(), "json".to_owned());
+    let settings = handlers::Settings::from_sources(&env).unwrap();
+    let system = cli::system::System::build(settings).await.unwrap();
+    let base = format!("http://127.0.0.1:{}", system.port());
+    let mut settings = system.runtime().settings.clone();
+    settings.analyzer_program = Some(analyzer_program());
+    settings.worker_wait = Duration::from_secs(1);
+    let queue = system.queue().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let sys_task = tokio::spawn(system.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let api = Arc::new(signed_in(&base).await);
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    for chunk in files.chunks(8) {
+        let mut tasks = Vec::new();
+        for (name, ct, bytes) in chunk.iter().cloned() {
+            let api = api.clone();
+            tasks.push(tokio::spawn(
+                async move { api.upload(&name, ct, bytes).await.0 },
+            ));
+        }
+        for t in tasks {
+            ids.push(t.await.unwrap());
+        }
+    }
+    println!(
+        "uploads: {} in {:.1} s (API + presigned PUT to the embedded S3)",
+        ids.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // The worker, timed from its start until every job has succeeded.
+    let rt = handlers::Runtime::build(settings.clone()).await.unwrap();
+    let w = cli::system::worker(&rt, queue).unwrap();
+    let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
+    let started = Instant::now();
+    let wtask = tokio::spawn(w.run(async {
+        let _ = wstop_rx.await;
+    }));
+    let mut pending: Vec<String> = ids.clone();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for id in pending {
+            match api.status(&id).await.as_str() {
+                "succeeded" => {}
+                "dead_lettered" => panic!("{id} failed"),
+                _ => still.push(id),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let throughput = ids.len() as f64 / secs;
+    println!(
+        "worker: {} documents in {secs:.1} s = {throughput:.1} documents/s ({:.0}% of the baseline; target ≥ 20/s: {})",
+        ids.len(),
+        100.0 * throughput / baseline,
+        if throughput >= 20.0 { "met" } else { "MISSED" }
+    );
+    let _ = wstop_tx.send(());
+    wtask.await.unwrap().unwrap();
+
+    // Latency, one upload at a time, with the worker in-process as `karmic serve` runs it.
+    let w = cli::system::worker(&rt, w_queue(&rt).await).unwrap();
+    let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
+    let wtask = tokio::spawn(w.run(async {
+        let _ = wstop_rx.await;
+    }));
+    let isolated = worker::IsolatedAnalyzer::new(analyzer_program(), vec!["analyze-child".into()]);
+    let mut e2e = Vec::new();
+    let mut alone = Vec::new();
+    for (i, (name, ct, bytes)) in files
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 4 == 0)
+        .take(40)
+    {
+        let _ = i;
+        let t = Instant::now();
+        use worker::Analyzer;
+        isolated
+            .analyze(bytes.clone(), domain::ContentType::parse(ct).unwrap())
+            .await
+            .unwrap();
+        alone.push(t.elapsed().as_secs_f64() * 1000.0);
+        let (id, put_done) = api.upload(name, ct, bytes.clone()).await;
+        loop {
+            if api.status(&id).await == "succeeded" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        e2e.push(put_done.elapsed().as_secs_f64() * 1000.0);
+    }
+    e2e.sort_by(f64::total_cmp);
+    alone.sort_by(f64::total_cmp);
+    println!(
+        "latency, end of PUT → result visible ({} uploads, one at a time): p50 {:.0} ms, p99 {:.0} ms, min {:.0}, max {:.0}",
+        e2e.len(),
+        percentile(&e2e, 0.5),
+        percentile(&e2e, 0.99),
+        e2e[0],
+        e2e[e2e.len() - 1]
+    );
+    println!(
+        "baseline: the isolated analysis alone, same files: p50 {:.0} ms, p99 {:.0} ms",
+        percentile(&alone, 0.5),
+        percentile(&alone, 0.99)
+    );
+    let _ = wstop_tx.send(());
+    wtask.await.unwrap().unwrap();
+    println!(
+        "memory: this process (API + worker + embedded S3 + projector) peak RSS {} MB",
+        status_kb("VmHWM:") / 1024
+    );
+    println!(
+        "memory: the largest analysis child's peak RSS {} MB (limit: KARMIC_ANALYZER_MEMORY_MB address space)",
+        children_max_rss_kb() / 1024
+    );
+    let _ = stop_tx.send(());
+    sys_task.await.unwrap().unwrap();
+}
+
+async fn w_queue(rt: &handlers::Runtime) -> Arc<dyn worker::queue::JobQueue> {
+    cli::system::job_queue(rt).await.unwrap()
+}

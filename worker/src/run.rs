@@ -1,0 +1,408 @@
+//! The worker: long-polls the job queue, turns storage notifications into confirmed
+//! documents and analysis jobs, runs each analysis in isolation, and stores the outcome as
+//! events before it lets go of the message.
+//!
+//! Every step is safe to repeat, because every message may arrive more than once: the
+//! document and job aggregates decide (a repeated confirmation names the same job; a
+//! finished job refuses to start again), and the message is deleted only after the
+//! outcome is stored. A worker that dies mid-job leaves the message to reappear when its
+//! visibility ends; the next receive is a new attempt of the same job.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use commands::CommandMeta;
+use commands::documents::{Confirmation, Documents};
+use commands::error::CommandError;
+use domain::{AiJobError, DocumentError, JobId, JobStatus, ObjectKey};
+use storage::{Fetched, ObjectStore};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::analysis::Analyzer;
+use crate::analysis::extract::sniff;
+use crate::notification::{self, Notification, ObjectCreated};
+use crate::queue::{JobQueue, Received};
+
+/// How the worker runs (`KARMIC_WORKER_*`).
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Recorded on every attempt it starts (`KARMIC_WORKER_ID`; default host and pid).
+    pub worker_id: String,
+    /// Messages in flight at once (`KARMIC_WORKER_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Long-poll wait of each receive (SQS allows up to 20 s).
+    pub wait: Duration,
+    /// Visibility timeout given at receive and renewed by each heartbeat.
+    pub visibility: Duration,
+    /// How often a running job's message has its visibility renewed.
+    pub heartbeat: Duration,
+    /// After SIGTERM: how long in-flight jobs may run on before they are released.
+    pub shutdown_grace: Duration,
+    /// The largest object read (the upload limit).
+    pub max_bytes: u64,
+    /// Delay before a retryable failure is retried, doubled per receive (capped).
+    pub retry_delay: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            worker_id: default_worker_id(),
+            concurrency: std::thread::available_parallelism().map_or(2, usize::from),
+            wait: Duration::from_secs(20),
+            visibility: Duration::from_secs(600),
+            heartbeat: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+            max_bytes: 25 << 20,
+            retry_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `host:pid`, unique among live workers.
+pub fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "worker".to_owned());
+    format!("{host}:{}", std::process::id())
+}
+
+/// What happens to a message once it has been handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Disposal {
+    /// Done with (or nothing to do): delete it.
+    Delete,
+    /// Retrying cannot help: move it to the dead-letter queue.
+    DeadLetter,
+    /// Let it come back after this long (a retryable failure).
+    Retry(Duration),
+}
+
+/// The worker's parts.
+#[derive(Clone)]
+pub struct Worker {
+    pub queue: Arc<dyn JobQueue>,
+    pub documents: Documents,
+    pub objects: ObjectStore,
+    pub analyzer: Arc<dyn Analyzer>,
+    pub settings: WorkerSettings,
+}
+
+impl Worker {
+    /// Receive and handle messages until `shutdown` resolves; then stop receiving, give
+    /// in-flight jobs `shutdown_grace` to finish, release the rest (visible again at
+    /// once, for another worker), and return.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let slots = Arc::new(Semaphore::new(self.settings.concurrency.max(1)));
+        let (release_tx, release_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut backoff = Duration::from_millis(200);
+        tokio::pin!(shutdown);
+        info!(worker = %self.settings.worker_id, concurrency = self.settings.concurrency, "worker started");
+        loop {
+            // Wait for a free slot, then take as many messages as there are free slots.
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+                () = &mut shutdown => break,
+            };
+            let mut permits = vec![first];
+            while permits.len() < 10 {
+                match slots.clone().try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+            let received = tokio::select! {
+                r = self.queue.receive(
+                    u32::try_from(permits.len()).unwrap_or(1),
+                    self.settings.wait,
+                    self.settings.visibility,
+                ) => r,
+                () = &mut shutdown => break,
+            };
+            let messages = match received {
+                Ok(m) => {
+                    backoff = Duration::from_millis(200);
+                    m
+                }
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "receiving failed; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {},
+                        () = &mut shutdown => break,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(20));
+                    continue;
+                }
+            };
+            for message in messages {
+                let Some(permit) = permits.pop() else { break };
+                let worker = self.clone();
+                let release = release_rx.clone();
+                let span = info_span!(
+                    "message",
+                    message_id = %message.id,
+                    receive_count = message.receive_count,
+                    job_id = tracing::field::Empty,
+                    document_id = tracing::field::Empty,
+                );
+                tasks.spawn(
+                    async move {
+                        worker.handle_released(message, release).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            // Reap finished tasks so the set stays small.
+            while tasks.try_join_next().is_some() {}
+        }
+        info!(in_flight = tasks.len(), "worker stopping: no more receives");
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                in_flight = tasks.len(),
+                "grace period over: releasing in-flight messages"
+            );
+            let _ = release_tx.send(true);
+            while tasks.join_next().await.is_some() {}
+        }
+        info!("worker stopped");
+        Ok(())
+    }
+
+    /// [`Worker::handle`], with a heartbeat while it runs, ended early (the message made
+    /// visible again) if the worker is told to release its work.
+    async fn handle_released(&self, message: Received, mut release: watch::Receiver<bool>) {
+        let heartbeat = {
+            let queue = self.queue.clone();
+            let receipt = message.receipt.clone();
+            let (every, visibility) = (self.settings.heartbeat, self.settings.visibility);
+            tokio::spawn(
+                async move {
+                    let mut tick =
+                        tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                    loop {
+                        tick.tick().await;
+                        match queue.change_visibility(&receipt, visibility).await {
+                            Ok(true) => tracing::debug!("heartbeat"),
+                            Ok(false) => {
+                                warn!("heartbeat: the message was received elsewhere");
+                                return;
+                            }
+                            Err(e) => warn!(error = %format!("{e:#}"), "heartbeat failed"),
+                        }
+                    }
+                }
+                .in_current_span(),
+            )
+        };
+        let disposal = tokio::select! {
+            d = self.handle(&message) => Some(d),
+            _ = release.wait_for(|r| *r) => None,
+        };
+        // The heartbeat stops before the message is let go of.
+        heartbeat.abort();
+        let _ = heartbeat.await;
+        let result = match disposal {
+            Some(Disposal::Delete) => self.queue.delete(&message.receipt).await,
+            Some(Disposal::DeadLetter) => self.queue.dead_letter(&message).await,
+            Some(Disposal::Retry(after)) => {
+                self.queue.change_visibility(&message.receipt, after).await
+            }
+            None => {
+                info!("released at shutdown");
+                self.queue
+                    .change_visibility(&message.receipt, Duration::ZERO)
+                    .await
+            }
+        };
+        match result {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                ?disposal,
+                "the receipt was stale: the message was received again"
+            ),
+            Err(e) => {
+                warn!(?disposal, error = %format!("{e:#}"), "could not let go of the message; it will come back")
+            }
+        }
+    }
+
+    /// Handle one message and say what to do with it.
+    async fn handle(&self, message: &Received) -> Disposal {
+        let objects = match notification::parse(&message.body) {
+            Ok(Notification::Test) => {
+                info!("storage test event");
+                return Disposal::Delete;
+            }
+            Ok(Notification::Created(objects)) => objects,
+            Err(e) => {
+                warn!(error = %e, "not a storage notification");
+                return Disposal::DeadLetter;
+            }
+        };
+        // S3 sends one record per message; should there be several, the message goes
+        // when all are done.
+        let mut disposal = Disposal::Delete;
+        for object in &objects {
+            let d = match self.object_created(object, message.receive_count).await {
+                Ok(d) => d,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), key = %object.key, "infrastructure failure");
+                    Disposal::Retry(self.retry_after(message.receive_count))
+                }
+            };
+            disposal = disposal.max(d);
+        }
+        disposal
+    }
+
+    fn retry_after(&self, receive_count: u32) -> Duration {
+        let doublings = receive_count.saturating_sub(1).min(6);
+        (self.settings.retry_delay * 2u32.pow(doublings)).min(Duration::from_secs(300))
+    }
+
+    async fn object_created(&self, object: &ObjectCreated, receive_count: u32) -> Result<Disposal> {
+        if let Some(bucket) = &object.bucket
+            && bucket != self.objects.bucket()
+        {
+            warn!(%bucket, "a notification from another bucket");
+            return Ok(Disposal::Delete);
+        }
+        let Some((key, _owner, document)) = ObjectKey::parse(&object.key) else {
+            warn!(key = %object.key, "not a document key");
+            return Ok(Disposal::Delete);
+        };
+        tracing::Span::current().record("document_id", tracing::field::display(document));
+        let meta = CommandMeta::system("worker");
+        let Some(info) = self.objects.head(&key).await? else {
+            info!("the object is gone");
+            return Ok(Disposal::Delete);
+        };
+        let (bytes, sniffed) = match self
+            .objects
+            .get(&key, &info.etag, self.settings.max_bytes)
+            .await?
+        {
+            Fetched::Body(bytes) => {
+                let sniffed = sniff(&bytes);
+                (Some(bytes), sniffed)
+            }
+            // Larger than any upload may be: the confirmation refuses it on its size.
+            Fetched::TooLarge { .. } => (None, domain::Sniffed::Other),
+            Fetched::Missing => {
+                info!("the object is gone");
+                return Ok(Disposal::Delete);
+            }
+            Fetched::Changed => {
+                // Replaced since the HEAD: the new object's own notification comes.
+                info!("the object changed while being read");
+                return Ok(Disposal::Delete);
+            }
+        };
+        let confirmation = match self
+            .documents
+            .confirm_upload(document, info.size, &info.etag, sniffed, &meta)
+            .await
+        {
+            Ok(c) => c,
+            Err(CommandError::Rejected(DocumentError::NotFound)) => {
+                warn!("an object for a document that was never requested");
+                return Ok(Disposal::Delete);
+            }
+            Err(CommandError::Rejected(e)) => {
+                warn!(error = %e, "the upload could not be confirmed");
+                return Ok(Disposal::Delete);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("confirming the upload")),
+        };
+        match confirmation {
+            Confirmation::Job(job) => match bytes {
+                Some(bytes) => self.run_job(job, receive_count, bytes, &meta).await,
+                None => Ok(Disposal::Delete),
+            },
+            Confirmation::Rejected(reason) => {
+                info!(?reason, "upload refused; deleting the object");
+                self.objects.delete(&key).await?;
+                Ok(Disposal::Delete)
+            }
+            Confirmation::Gone => {
+                self.objects.delete(&key).await?;
+                Ok(Disposal::Delete)
+            }
+            Confirmation::Ignored => Ok(Disposal::Delete),
+        }
+    }
+
+    async fn run_job(
+        &self,
+        job: JobId,
+        receive_count: u32,
+        bytes: Vec<u8>,
+        meta: &CommandMeta,
+    ) -> Result<Disposal> {
+        tracing::Span::current().record("job_id", tracing::field::display(job));
+        let started = match self
+            .documents
+            .start_job(job, receive_count, &self.settings.worker_id, meta)
+            .await
+        {
+            Ok(s) => s,
+            Err(CommandError::Rejected(AiJobError::Finished)) => {
+                let status = self.documents.job(job).await?.state.status;
+                info!(?status, "the job has finished");
+                return Ok(if status == JobStatus::DeadLettered {
+                    Disposal::DeadLetter
+                } else {
+                    Disposal::Delete
+                });
+            }
+            Err(CommandError::Rejected(AiJobError::AlreadyStarted)) => {
+                info!("a duplicate delivery of a running attempt: dropped");
+                return Ok(Disposal::Delete);
+            }
+            Err(CommandError::Rejected(e)) => {
+                warn!(error = %e, "the job cannot start");
+                return Ok(Disposal::Delete);
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("starting the job")),
+        };
+        let began = std::time::Instant::now();
+        match self.analyzer.analyze(bytes, started.content_type).await {
+            Ok(analysis) => {
+                self.documents
+                    .job_succeeded(job, started.attempt, analysis, meta)
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("storing the analysis"))?;
+                info!(
+                    attempt = started.attempt,
+                    ms = began.elapsed().as_millis() as u64,
+                    "job succeeded"
+                );
+                Ok(Disposal::Delete)
+            }
+            Err(e) => {
+                let retryable = e.retryable();
+                let dead = self
+                    .documents
+                    .job_failed(job, started.attempt, &e.to_string(), retryable, meta)
+                    .await
+                    .map_err(|e| anyhow::Error::new(e).context("storing the failure"))?;
+                warn!(attempt = started.attempt, retryable, dead_lettered = dead, error = %e, "job attempt failed");
+                Ok(if dead {
+                    Disposal::DeadLetter
+                } else {
+                    Disposal::Retry(self.retry_after(receive_count))
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! [`JobQueue`] over Amazon SQS (and anything that speaks its API, such as moto).
+//!
+//! SQS does the visibility timeouts, receive counts and dead-lettering (the queue's
+//! redrive policy) itself; this adapter only maps the port onto its calls. Two things
+//! SQS has no call for are built from others: moving one message to the dead-letter
+//! queue now (send it there, then delete it here) and listing dead letters (a receive
+//! on the dead-letter queue that leaves the messages visible).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::error::ProvideErrorMetadata;
+use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::queue::{JobQueue, Received};
+
+/// Where the queue is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct SqsSettings {
+    /// `KARMIC_SQS_ENDPOINT`; `None` is AWS's own endpoint for the region.
+    pub endpoint: Option<String>,
+    /// `KARMIC_SQS_QUEUE_URL`.
+    pub queue_url: String,
+    /// `KARMIC_SQS_DLQ_URL`; `None`: read from the queue's redrive policy.
+    pub dead_letter_url: Option<String>,
+    pub region: String,
+    /// Static keys (local stand-ins); `None`: the default AWS credential chain.
+    pub credentials: Option<(String, SecretString)>,
+    /// Above the long-poll wait, or every receive would time out.
+    pub operation_timeout: Duration,
+}
+
+/// The SQS adapter.
+#[derive(Debug, Clone)]
+pub struct SqsQueue {
+    client: Client,
+    queue_url: String,
+    dead_letter_url: String,
+}
+
+/// An SQS client for these settings (shared with set-up code and tests).
+pub async fn client(
+    endpoint: Option<&str>,
+    region: &str,
+    credentials: Option<&(String, SecretString)>,
+    operation_timeout: Duration,
+) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(region.to_owned()))
+        .timeout_config(
+            aws_config::timeout::TimeoutConfig::builder()
+                .operation_timeout(operation_timeout)
+                .connect_timeout(Duration::from_secs(5))
+                .build(),
+        );
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    if let Some((key, secret)) = credentials {
+        loader = loader.credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            key.clone(),
+            secret.expose_secret().to_owned(),
+            None,
+            None,
+            "karmic-settings",
+        ));
+    }
+    Client::new(&loader.load().await)
+}
+
+fn code<E: ProvideErrorMetadata>(e: &E) -> &str {
+    e.code().unwrap_or("")
+}
+
+/// Error codes that mean "this receipt no longer names an in-flight message".
+fn stale_receipt(code: &str) -> bool {
+    matches!(
+        code,
+        "ReceiptHandleIsInvalid"
+            | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
+            | "MessageNotInflight"
+            | "AWS.SimpleQueueService.MessageNotInflight"
+            | "InvalidParameterValue"
+    )
+}
+
+fn secs(d: Duration) -> i32 {
+    i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
+}
+
+impl SqsQueue {
+    /// Connect, and find the dead-letter queue from the redrive policy if it is not
+    /// configured.
+    pub async fn connect(settings: &SqsSettings) -> Result<SqsQueue> {
+        let client = client(
+            settings.endpoint.as_deref(),
+            &settings.region,
+            settings.credentials.as_ref(),
+            settings.operation_timeout,
+        )
+        .await;
+        let dead_letter_url = match &settings.dead_letter_url {
+            Some(url) => url.clone(),
+            None => dead_letter_url_of(&client, &settings.queue_url).await?,
+        };
+        Ok(SqsQueue {
+            client,
+            queue_url: settings.queue_url.clone(),
+            dead_letter_url,
+        })
+    }
+
+    pub fn queue_url(&self) -> &str {
+        &self.queue_url
+    }
+
+    pub fn dead_letter_url(&self) -> &str {
+        &self.dead_letter_url
+    }
+}
+
+/// The dead-letter queue named by the queue's redrive policy.
+async fn dead_letter_url_of(client: &Client, queue_url: &str) -> Result<String> {
+    let attrs = client
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(QueueAttributeName::RedrivePolicy)
+        .send()
+        .await
+        .with_context(|| format!("reading the redrive policy of {queue_url}"))?;
+    let policy = attrs
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::RedrivePolicy))
+        .ok_or_else(|| {
+            anyhow!("{queue_url} has no redrive policy; set KARMIC_SQS_DLQ_URL or give it one")
+        })?;
+    let policy: serde_json::Value =
+        serde_json::from_str(policy).context("reading the redrive policy")?;
+    let arn = policy
+        .get("deadLetterTargetArn")
+        .and_then(|v| v.as_str())
+        .ok_or_else(|| anyhow!("the redrive policy of {queue_url} names no dead-letter queue"))?;
+    // arn:aws:sqs:REGION:ACCOUNT:NAME
+    let mut parts = arn.rsplit(':');
+    let (Some(name), Some(account)) = (parts.next(), parts.next()) else {
+        return Err(anyhow!("not a queue ARN: {arn}"));
+    };
+    let out = client
+        .get_queue_url()
+        .queue_name(name)
+        .queue_owner_aws_account_id(account)
+        .send()
+        .await
+        .with_context(|| format!("finding the dead-letter queue {name}"))?;
+    out.queue_url()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no URL for the dead-letter queue {name}"))
+}
+
+/// Create a queue with its dead-letter queue and redrive policy (idempotent: SQS returns
+/// the existing queues when the attributes match). For local set-up and tests; in AWS the
+/// template creates them. Returns (queue URL, dead-letter queue URL).
+pub async fn create_with_dead_letter_queue(
+    client: &Client,
+    name: &str,
+    max_receive_count: u32,
+    visibility: Duration,
+) -> Result<(String, String)> {
+    let dlq = client
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+        .send()
+        .await
+        .with_context(|| format!("creating {name}-dlq"))?;
+    let dlq_url = dlq
+        .queue_url()
+        .ok_or_else(|| anyhow!("no URL for {name}-dlq"))?
+        .to_owned();
+    let arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .context("reading the dead-letter queue's ARN")?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .ok_or_else(|| anyhow!("no ARN for {name}-dlq"))?;
+    let policy = serde_json::json!({
+        "deadLetterTargetArn": arn,
+        "maxReceiveCount": max_receive_count.to_string(),
+    })
+    .to_string();
+    let queue = client
+        .create_queue()
+        .queue_name(name)
+        .attributes(QueueAttributeName::RedrivePolicy, policy)
+        .attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility.as_secs().to_string(),
+        )
+        .send()
+        .await
+        .with_context(|| format!("creating {name}"))?;
+    let url = queue
+        .queue_url()
+        .ok_or_else(|| anyhow!("no URL for {name}"))?
+        .to_owned();
+    Ok((url, dlq_url))
+}
+
+#[async_trait::async_trait]
+impl JobQueue for SqsQueue {
+    async fn send(&self, body: &str) -> Result<String> {
+        let out = self
+            .client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .context("sending to SQS")?;
+        Ok(out.message_id().unwrap_or_default().to_owned())
+    }
+
+    async fn receive(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Received>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(i32::try_from(max.clamp(1, 10)).unwrap_or(10))
+            .wait_time_seconds(secs(wait).min(20))
+            .visibility_timeout(secs(visibility))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .context("receiving from SQS")?;
+        Ok(out
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                let receive_count = m
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
+                Some(Received {
+                    id: m.message_id()?.to_owned(),
+                    body: m.body().unwrap_or_default().to_owned(),
+                    receipt: m.receipt_handle()?.to_owned(),
+                    receive_count,
+                })
+            })
+            .collect())
+    }
+
+    async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {
+        match self
+            .client
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(secs(visibility))
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(code(&e)) => Ok(false),
+            Err(e) => Err(e).context("changing a message's visibility"),
+        }
+    }
+
+    async fn delete(&self, receipt: &str) -> Result<bool> {
+        match self
+            .client
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(code(&e)) => Ok(false),
+            Err(e) => Err(e).context("deleting a message"),
+        }
+    }
+
+    /// Send to the dead-letter queue, then delete here: SQS has no call that moves one
+    /// message. If the delete fails after the send, the message comes back and is
+    /// dead-lettered again (the job's events say it already is): the dead-letter queue
+    /// may hold a duplicate, never lose one.
+    async fn dead_letter(&self, message: &Received) -> Result<bool> {
+        self.client
+            .send_message()
+            .queue_url(&self.dead_letter_url)
+            .message_body(&message.body)
+            .send()
+            .await
+            .context("sending to the dead-letter queue")?;
+        self.delete(&message.receipt).await
+    }
+
+    async fn dead_letters(&self) -> Result<Vec<(String, String)>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.dead_letter_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(0)
+            .visibility_timeout(0)
+            .send()
+            .await
+            .context("peeking at the dead-letter queue")?;
+        Ok(out
+            .messages()
+            .iter()
+            .map(|m| {
+                (
+                    m.message_id().unwrap_or_default().to_owned(),
+                    m.body().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect())
+    }
+}
