@@ -9,3 +9,6 @@ cargo run --release -p tests --bin bench
 cargo run --release -p tests --bin command_path
 # A burst of 1,000 sign-ins against a real `karmic serve` (load shedding, memory).
 cargo run --release -p tests --bin login_burst
+# The document pipeline: worker throughput on 210 mixed files, upload-to-result latency,
+# memory (issue 9).
+cargo run --release -p tests --bin doc_bench
