@@ -234,8 +234,24 @@ impl Runtime {
         let projection_db = db.for_projections(settings.projector_max_connections());
         let read_models = ReadModels::new(&db);
         let projected = ReadModels::new(&projection_db);
-        let profile_store = profile_store(&settings, &projected).await?;
-        let document_store = document_store(&settings, &projected).await?;
+        // One DocumentDB client (one pool) for every read model kept there.
+        let mongo = match &settings.mongodb_url {
+            Some(url) => {
+                use secrecy::ExposeSecret;
+                Some(
+                    projections::mongo::connect_database(&MongoSettings {
+                        url: url.expose_secret().to_owned(),
+                        database: settings.mongodb_database.clone(),
+                        tls_ca_file: settings.mongodb_tls_ca_file.clone(),
+                        timeout: settings.mongodb_timeout,
+                    })
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let profile_store = profile_store(&settings, mongo.as_ref(), &projected).await?;
+        let document_store = document_store(&settings, mongo.as_ref(), &projected).await?;
 
         // The provisioner issues commands; its own commits need no read-your-writes wait.
         let provisioner_accounts = Accounts::new(
@@ -324,18 +340,12 @@ pub fn s3_settings(settings: &Settings) -> storage::S3Settings {
 /// The documents read model: DocumentDB when configured, else SQL.
 async fn document_store(
     settings: &Settings,
+    mongo: Option<&mongodb::Database>,
     read_models: &ReadModels,
 ) -> Result<Arc<dyn DocumentStore>> {
-    use secrecy::ExposeSecret;
-    Ok(match &settings.mongodb_url {
-        Some(url) => {
-            let mongo = MongoDocuments::connect(&MongoSettings {
-                url: url.expose_secret().to_owned(),
-                database: settings.mongodb_database.clone(),
-                tls_ca_file: settings.mongodb_tls_ca_file.clone(),
-                timeout: settings.mongodb_timeout,
-            })
-            .await?;
+    Ok(match mongo {
+        Some(db) => {
+            let mongo = MongoDocuments::new(db);
             if settings.auto_migrate {
                 mongo.migrate().await?;
             }
@@ -350,18 +360,13 @@ async fn document_store(
 /// fresh), or uncached.
 async fn profile_store(
     settings: &Settings,
+    mongo: Option<&mongodb::Database>,
     read_models: &ReadModels,
 ) -> Result<Arc<dyn ProfileStore>> {
     use secrecy::ExposeSecret;
-    let store: Arc<dyn ProfileStore> = match &settings.mongodb_url {
-        Some(url) => {
-            let mongo = MongoProfiles::connect(&MongoSettings {
-                url: url.expose_secret().to_owned(),
-                database: settings.mongodb_database.clone(),
-                tls_ca_file: settings.mongodb_tls_ca_file.clone(),
-                timeout: settings.mongodb_timeout,
-            })
-            .await?;
+    let store: Arc<dyn ProfileStore> = match mongo {
+        Some(db) => {
+            let mongo = MongoProfiles::new(db.clone());
             if settings.auto_migrate {
                 mongo.migrate().await?;
             }

@@ -20,8 +20,7 @@ use domain::{
 };
 use futures::TryStreamExt;
 use mongodb::bson::{Bson, Document as BsonDocument, doc};
-use mongodb::options::ClientOptions;
-use mongodb::{Client, Collection, Database as MongoDatabase, IndexModel};
+use mongodb::{Collection, Database as MongoDatabase, IndexModel};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tracing::warn;
@@ -432,25 +431,9 @@ impl MongoDocuments {
         }
     }
 
-    /// Connect with its own client, configured as `MongoProfiles::connect` configures
-    /// its own (no retryable writes, TLS with the given CA bundle, bounded timeouts).
+    /// With a client of its own (see [`crate::mongo::connect_database`]).
     pub async fn connect(settings: &MongoSettings) -> Result<Self> {
-        let mut opts = ClientOptions::parse(&settings.url)
-            .await
-            .context("parsing KARMIC_MONGODB_URL")?;
-        opts.retry_writes = Some(false);
-        opts.app_name = Some("karmic".to_owned());
-        opts.server_selection_timeout = Some(settings.timeout);
-        opts.connect_timeout = Some(settings.timeout);
-        if let Some(ca) = &settings.tls_ca_file {
-            opts.tls = Some(mongodb::options::Tls::Enabled(
-                mongodb::options::TlsOptions::builder()
-                    .ca_file_path(Some(ca.clone()))
-                    .build(),
-            ));
-        }
-        let client = Client::with_options(opts).context("creating the MongoDB client")?;
-        Ok(Self::new(&client.database(&settings.database)))
+        Ok(Self::new(&crate::mongo::connect_database(settings).await?))
     }
 
     /// Create the indexes: an owner's listing, newest first, and the lookup by job. Run

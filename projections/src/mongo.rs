@@ -133,28 +133,41 @@ pub fn primary() -> mongodb::options::SelectionCriteria {
     mongodb::options::SelectionCriteria::ReadPreference(mongodb::options::ReadPreference::Primary)
 }
 
+/// A client for DocumentDB as Karmic uses it (no retryable writes, TLS with the given CA
+/// bundle, bounded timeouts), and its database. One per process: every DocumentDB read
+/// model shares its connection pool.
+pub async fn connect_database(settings: &MongoSettings) -> Result<Database> {
+    let mut opts = ClientOptions::parse(&settings.url)
+        .await
+        .context("parsing KARMIC_MONGODB_URL")?;
+    opts.retry_writes = Some(false);
+    opts.app_name = Some("karmic".to_owned());
+    opts.server_selection_timeout = Some(settings.timeout);
+    opts.connect_timeout = Some(settings.timeout);
+    if let Some(ca) = &settings.tls_ca_file {
+        opts.tls = Some(mongodb::options::Tls::Enabled(
+            mongodb::options::TlsOptions::builder()
+                .ca_file_path(Some(ca.clone()))
+                .build(),
+        ));
+    }
+    let client = Client::with_options(opts).context("creating the MongoDB client")?;
+    Ok(client.database(&settings.database))
+}
+
 impl MongoProfiles {
-    pub async fn connect(settings: &MongoSettings) -> Result<MongoProfiles> {
-        let mut opts = ClientOptions::parse(&settings.url)
-            .await
-            .context("parsing KARMIC_MONGODB_URL")?;
-        opts.retry_writes = Some(false);
-        opts.app_name = Some("karmic".to_owned());
-        opts.server_selection_timeout = Some(settings.timeout);
-        opts.connect_timeout = Some(settings.timeout);
-        if let Some(ca) = &settings.tls_ca_file {
-            opts.tls = Some(mongodb::options::Tls::Enabled(
-                mongodb::options::TlsOptions::builder()
-                    .ca_file_path(Some(ca.clone()))
-                    .build(),
-            ));
-        }
-        let client = Client::with_options(opts).context("creating the MongoDB client")?;
-        Ok(MongoProfiles {
-            db: client.database(&settings.database),
+    /// Profiles in `db` (see [`connect_database`]).
+    pub fn new(db: Database) -> MongoProfiles {
+        MongoProfiles {
+            db,
             pinned: None,
             active: Arc::default(),
-        })
+        }
+    }
+
+    /// With a client of its own.
+    pub async fn connect(settings: &MongoSettings) -> Result<MongoProfiles> {
+        Ok(MongoProfiles::new(connect_database(settings).await?))
     }
 
     /// Create the metadata document and the indexes. Run by `karmic migrate`, never on the
