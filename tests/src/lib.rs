@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+pub mod docs;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

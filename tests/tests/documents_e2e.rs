@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use domain::{AiJob, DocumentId, JobId};
 use handlers::Settings;
 use serde_json::{Value, json};
-use tests::{Backend, PASSWORD, TestDb, TestMongo};
+use tests::docs::{DocClient, job_status};
+use tests::{Backend, TestDb, TestMongo};
 use worker::queue::JobQueue;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../worker/tests/fixtures");
@@ -102,87 +103,8 @@ impl Sys {
         }
     }
 
-    async fn signed_in(&self) -> (String, String) {
-        let email = format!("u{}@example.com", uuid::Uuid::new_v4().simple());
-        let r = self
-            .http
-            .post(format!("{}/auth/register", self.base))
-            .json(&json!({"email": email, "password": PASSWORD, "display_name": "Doc Owner"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-        let id = r.json::<Value>().await.unwrap()["user_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let r = self
-            .http
-            .post(format!("{}/auth/login", self.base))
-            .json(&json!({"email": email, "password": PASSWORD}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-        let token = r.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        (id, token)
-    }
-
-    async fn request_upload(&self, token: &str, name: &str, ct: &str, size: usize) -> Value {
-        let r = self
-            .http
-            .post(format!("{}/documents/upload", self.base))
-            .bearer_auth(token)
-            .json(&json!({"filename": name, "content_type": ct, "size": size}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
-        r.json().await.unwrap()
-    }
-
-    /// Request an upload and PUT the bytes to the presigned URL; the document's id.
-    async fn upload(&self, token: &str, name: &str, ct: &str, bytes: Vec<u8>) -> String {
-        let grant = self.request_upload(token, name, ct, bytes.len()).await;
-        let status = put(&grant["upload"], bytes).await;
-        assert_eq!(status, 200, "PUT to the presigned URL");
-        grant["document_id"].as_str().unwrap().to_owned()
-    }
-
-    async fn document(&self, token: &str, id: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}/documents/{id}", self.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Poll `GET /documents/{id}` until `done` holds (or fail after `within`).
-    async fn wait_for(
-        &self,
-        token: &str,
-        id: &str,
-        within: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let started = Instant::now();
-        loop {
-            let r = self.document(token, id).await;
-            assert_eq!(r.status(), 200);
-            let doc: Value = r.json().await.unwrap();
-            if done(&doc) {
-                return doc;
-            }
-            assert!(
-                started.elapsed() < within,
-                "gave up after {within:?}; the document is {doc:#}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    async fn signed_in(&self) -> DocClient {
+        DocClient::signed_in(&self.base).await
     }
 
     /// The job's event types, in order, from the event store.
@@ -215,24 +137,8 @@ async fn dead_letters(queue: &Arc<dyn JobQueue>, n: usize) -> Vec<(String, Strin
     }
 }
 
-fn job_status(doc: &Value) -> &str {
-    doc["job"]["status"].as_str().unwrap_or("")
-}
-
 fn finished(doc: &Value) -> bool {
     matches!(job_status(doc), "succeeded" | "dead_lettered") || doc["status"] == "rejected"
-}
-
-/// PUT with exactly the signed headers, as a browser would.
-async fn put(upload: &Value, bytes: Vec<u8>) -> u16 {
-    assert_eq!(upload["method"], "PUT");
-    let mut req = reqwest::Client::new().put(upload["url"].as_str().unwrap());
-    for (k, v) in upload["headers"].as_object().unwrap() {
-        if !k.eq_ignore_ascii_case("content-length") {
-            req = req.header(k, v.as_str().unwrap());
-        }
-    }
-    req.body(bytes).send().await.unwrap().status().as_u16()
 }
 
 /// Test settings for the embedded default: every port picked by the OS, the analysis
@@ -266,15 +172,14 @@ fn assert_analysed(name: &str, doc: &Value) {
 #[tokio::test]
 async fn embedded_every_supported_type_is_analysed_within_seconds() {
     let sys = embedded().await;
-    let (_, token) = sys.signed_in().await;
+    let me = sys.signed_in().await;
+    let token = me.token.clone();
     let mut ids = Vec::new();
     for (name, ct, bytes) in samples() {
-        ids.push((name, sys.upload(&token, name, ct, bytes).await));
+        ids.push((name, me.upload(name, ct, bytes).await));
     }
     for (name, id) in &ids {
-        let doc = sys
-            .wait_for(&token, id, Duration::from_secs(30), finished)
-            .await;
+        let doc = me.wait_for(id, Duration::from_secs(30), finished).await;
         assert_analysed(name, &doc);
         if *name == "report.pdf" {
             assert_eq!(doc["analysis"]["pages"], 3, "{doc:#}");
@@ -333,8 +238,9 @@ async fn embedded_every_supported_type_is_analysed_within_seconds() {
 #[tokio::test]
 async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
     let sys = embedded().await;
-    let (_, token) = sys.signed_in().await;
-    let (_, other) = sys.signed_in().await;
+    let me = sys.signed_in().await;
+    let token = me.token.clone();
+    let other = sys.signed_in().await;
     let upload = |body: Value| {
         let sys = &sys;
         let token = token.clone();
@@ -373,7 +279,7 @@ async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
     tests::assert_problem(r, 422).await;
 
     // The key is the server's, whatever the filename says.
-    let grant = sys.request_upload(&token, "evil name.pdf", PDF, 10).await;
+    let grant = me.request_upload("evil name.pdf", PDF, 10).await;
     let url = grant["upload"]["url"].as_str().unwrap();
     assert!(!url.contains("evil"), "{url}");
     assert!(
@@ -387,13 +293,10 @@ async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
         "{url}"
     );
 
-    let id = sys
-        .upload(&token, "report.pdf", PDF, fixture("report.pdf"))
-        .await;
-    sys.wait_for(&token, &id, Duration::from_secs(30), finished)
-        .await;
+    let id = me.upload("report.pdf", PDF, fixture("report.pdf")).await;
+    me.wait_for(&id, Duration::from_secs(30), finished).await;
     // Another user sees nothing: not in GET, not in the list, no download, no delete.
-    tests::assert_problem(sys.document(&other, &id).await, 404).await;
+    tests::assert_problem(other.document(&id).await, 404).await;
     for (method, path) in [
         (reqwest::Method::GET, format!("/documents/{id}/download")),
         (reqwest::Method::DELETE, format!("/documents/{id}")),
@@ -401,7 +304,7 @@ async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
         let r = sys
             .http
             .request(method, format!("{}{path}", sys.base))
-            .bearer_auth(&other)
+            .bearer_auth(&other.token)
             .send()
             .await
             .unwrap();
@@ -410,7 +313,7 @@ async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
     let list: Value = sys
         .http
         .get(format!("{}/documents", sys.base))
-        .bearer_auth(&other)
+        .bearer_auth(&other.token)
         .send()
         .await
         .unwrap()
@@ -449,7 +352,7 @@ async fn uploads_are_checked_before_signing_and_documents_are_owner_only() {
             .unwrap();
         assert_eq!(r.status(), 204, "deleting is safe to repeat");
     }
-    tests::assert_problem(sys.document(&token, &id).await, 404).await;
+    tests::assert_problem(me.document(&id).await, 404).await;
     let gone = reqwest::get(link["url"].as_str().unwrap()).await.unwrap();
     assert_eq!(gone.status(), 404, "the object is deleted too");
     sys.stop().await;
@@ -482,10 +385,11 @@ async fn queue_depth(sys: &Sys) -> i64 {
 #[tokio::test]
 async fn a_notification_delivered_three_times_gives_one_job_and_one_result() {
     let sys = embedded().await;
-    let (user, token) = sys.signed_in().await;
+    let me = sys.signed_in().await;
+    let user = me.user_id.clone();
     let bytes = PROSE.as_bytes().to_vec();
     let size = bytes.len() as u64;
-    let id = sys.upload(&token, "notes.txt", "text/plain", bytes).await;
+    let id = me.upload("notes.txt", "text/plain", bytes).await;
     // S3 delivers at least once: two more copies of the same notification.
     let key = format!("documents/{user}/{id}");
     let store = storage::ObjectStore::connect(&handlers::app::s3_settings(&sys.settings))
@@ -500,9 +404,7 @@ async fn a_notification_delivered_three_times_gives_one_job_and_one_result() {
             .await
             .unwrap();
     }
-    let doc = sys
-        .wait_for(&token, &id, Duration::from_secs(30), finished)
-        .await;
+    let doc = me.wait_for(&id, Duration::from_secs(30), finished).await;
     assert_analysed("notes.txt", &doc);
     let started = Instant::now();
     while queue_depth(&sys).await > 0 {
@@ -524,13 +426,11 @@ async fn a_notification_delivered_three_times_gives_one_job_and_one_result() {
 #[tokio::test]
 async fn a_corrupt_file_fails_once_and_is_dead_lettered_with_the_events_to_show_it() {
     let sys = embedded().await;
-    let (_, token) = sys.signed_in().await;
+    let me = sys.signed_in().await;
     let mut corrupt = b"%PDF-1.7\n".to_vec();
     corrupt.extend(std::iter::repeat_n(b'#', 4000));
-    let id = sys.upload(&token, "broken.pdf", PDF, corrupt).await;
-    let doc = sys
-        .wait_for(&token, &id, Duration::from_secs(30), finished)
-        .await;
+    let id = me.upload("broken.pdf", PDF, corrupt).await;
+    let doc = me.wait_for(&id, Duration::from_secs(30), finished).await;
     assert_eq!(job_status(&doc), "dead_lettered", "{doc:#}");
     assert_eq!(
         doc["job"]["attempts"], 1,
@@ -562,13 +462,11 @@ async fn a_retryable_failure_is_retried_up_to_the_limit_then_dead_lettered() {
     // The analyzer cannot start: a failure on our side, worth retrying.
     settings.analyzer_program = Some("/nonexistent/karmic-analyze".into());
     let sys = Sys::start(db, None, settings).await;
-    let (_, token) = sys.signed_in().await;
-    let id = sys
-        .upload(&token, "notes.txt", "text/plain", PROSE.as_bytes().to_vec())
+    let me = sys.signed_in().await;
+    let id = me
+        .upload("notes.txt", "text/plain", PROSE.as_bytes().to_vec())
         .await;
-    let doc = sys
-        .wait_for(&token, &id, Duration::from_secs(30), finished)
-        .await;
+    let doc = me.wait_for(&id, Duration::from_secs(30), finished).await;
     assert_eq!(job_status(&doc), "dead_lettered", "{doc:#}");
     assert_eq!(doc["job"]["attempts"], 3);
     assert_eq!(doc["job"]["max_attempts"], 3);
@@ -593,29 +491,19 @@ async fn a_retryable_failure_is_retried_up_to_the_limit_then_dead_lettered() {
 #[tokio::test]
 async fn a_decompression_bomb_fails_alone_and_the_worker_serves_the_others() {
     let sys = embedded().await;
-    let (_, token) = sys.signed_in().await;
-    let bomb = sys
-        .upload(&token, "bomb.docx", DOCX, fixture("bomb.docx"))
-        .await;
-    let good = sys
-        .upload(&token, "report.pdf", PDF, fixture("report.pdf"))
-        .await;
-    let doc = sys
-        .wait_for(&token, &bomb, Duration::from_secs(60), finished)
-        .await;
+    let me = sys.signed_in().await;
+    let bomb = me.upload("bomb.docx", DOCX, fixture("bomb.docx")).await;
+    let good = me.upload("report.pdf", PDF, fixture("report.pdf")).await;
+    let doc = me.wait_for(&bomb, Duration::from_secs(60), finished).await;
     assert_eq!(job_status(&doc), "dead_lettered", "{doc:#}");
     assert_eq!(doc["job"]["attempts"], 1);
-    let doc = sys
-        .wait_for(&token, &good, Duration::from_secs(60), finished)
-        .await;
+    let doc = me.wait_for(&good, Duration::from_secs(60), finished).await;
     assert_analysed("report.pdf", &doc);
     // And after it, too.
-    let after = sys
-        .upload(&token, "notes.txt", "text/plain", PROSE.as_bytes().to_vec())
+    let after = me
+        .upload("notes.txt", "text/plain", PROSE.as_bytes().to_vec())
         .await;
-    let doc = sys
-        .wait_for(&token, &after, Duration::from_secs(30), finished)
-        .await;
+    let doc = me.wait_for(&after, Duration::from_secs(30), finished).await;
     assert_analysed("notes.txt", &doc);
     sys.stop().await;
 }
@@ -623,14 +511,11 @@ async fn a_decompression_bomb_fails_alone_and_the_worker_serves_the_others() {
 #[tokio::test]
 async fn a_file_that_is_not_what_was_declared_is_rejected_and_deleted() {
     let sys = embedded().await;
-    let (user, token) = sys.signed_in().await;
+    let me = sys.signed_in().await;
+    let user = me.user_id.clone();
     // Declared a PDF, sent text.
-    let id = sys
-        .upload(&token, "fake.pdf", PDF, PROSE.as_bytes().to_vec())
-        .await;
-    let doc = sys
-        .wait_for(&token, &id, Duration::from_secs(30), finished)
-        .await;
+    let id = me.upload("fake.pdf", PDF, PROSE.as_bytes().to_vec()).await;
+    let doc = me.wait_for(&id, Duration::from_secs(30), finished).await;
     assert_eq!(doc["status"], "rejected", "{doc:#}");
     assert!(doc["job"].is_null());
     let store = storage::ObjectStore::connect(&handlers::app::s3_settings(&sys.settings))
@@ -711,24 +596,20 @@ async fn aws_stand_ins_every_supported_type_is_analysed_through_real_notificatio
     let mongo = TestMongo::new();
     let settings = moto_settings(&db, &mongo).await;
     let sys = Sys::start(db, Some(mongo), settings).await;
-    let (_, token) = sys.signed_in().await;
+    let me = sys.signed_in().await;
     let mut ids = Vec::new();
     for (name, ct, bytes) in samples() {
-        ids.push((name, sys.upload(&token, name, ct, bytes).await));
+        ids.push((name, me.upload(name, ct, bytes).await));
     }
     for (name, id) in &ids {
-        let doc = sys
-            .wait_for(&token, id, Duration::from_secs(60), finished)
-            .await;
+        let doc = me.wait_for(id, Duration::from_secs(60), finished).await;
         assert_analysed(name, &doc);
     }
     // A corrupt file goes to the real dead-letter queue.
-    let id = sys
-        .upload(&token, "broken.pdf", PDF, b"%PDF-1.4\nnot really".to_vec())
+    let id = me
+        .upload("broken.pdf", PDF, b"%PDF-1.4\nnot really".to_vec())
         .await;
-    let doc = sys
-        .wait_for(&token, &id, Duration::from_secs(60), finished)
-        .await;
+    let doc = me.wait_for(&id, Duration::from_secs(60), finished).await;
     assert_eq!(job_status(&doc), "dead_lettered", "{doc:#}");
     let dead = dead_letters(&sys.queue.clone().unwrap(), 1).await;
     assert!(dead.iter().any(|(_, body)| body.contains(&id)), "{dead:?}");

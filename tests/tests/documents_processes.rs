@@ -9,8 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use domain::AiJob;
-use serde_json::{Value, json};
-use tests::{Backend, PASSWORD, TestDb};
+use serde_json::Value;
+use tests::docs::{DocClient, job_status};
+use tests::{Backend, TestDb};
 
 const PROSE: &str = "The quarterly report covers revenue, costs and the outlook for next \
     year. Revenue grew in every region, and costs fell as the new warehouse opened. The \
@@ -23,93 +24,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-struct Client {
-    base: String,
-    http: reqwest::Client,
-    token: String,
-}
-
-impl Client {
-    async fn signed_in(base: String) -> Client {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap();
-        let email = format!("u{}@example.com", uuid::Uuid::new_v4().simple());
-        let r = http
-            .post(format!("{base}/auth/register"))
-            .json(&json!({"email": email, "password": PASSWORD, "display_name": "Owner"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let r = http
-            .post(format!("{base}/auth/login"))
-            .json(&json!({"email": email, "password": PASSWORD}))
-            .send()
-            .await
-            .unwrap();
-        let token = r.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        Client { base, http, token }
-    }
-
-    async fn upload(&self, name: &str, ct: &str, bytes: Vec<u8>) -> String {
-        let r = self
-            .http
-            .post(format!("{}/documents/upload", self.base))
-            .bearer_auth(&self.token)
-            .json(&json!({"filename": name, "content_type": ct, "size": bytes.len()}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let grant: Value = r.json().await.unwrap();
-        let up = &grant["upload"];
-        let mut req = reqwest::Client::new().put(up["url"].as_str().unwrap());
-        for (k, v) in up["headers"].as_object().unwrap() {
-            if !k.eq_ignore_ascii_case("content-length") {
-                req = req.header(k, v.as_str().unwrap());
-            }
-        }
-        assert_eq!(req.body(bytes).send().await.unwrap().status(), 200);
-        grant["document_id"].as_str().unwrap().to_owned()
-    }
-
-    async fn wait_for(&self, id: &str, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
-        let started = Instant::now();
-        loop {
-            let r = self
-                .http
-                .get(format!("{}/documents/{id}", self.base))
-                .bearer_auth(&self.token)
-                .send()
-                .await;
-            if let Ok(r) = r
-                && r.status() == 200
-            {
-                let doc: Value = r.json().await.unwrap();
-                if done(&doc) {
-                    return doc;
-                }
-                assert!(started.elapsed() < within, "gave up: {doc:#}");
-            } else {
-                assert!(
-                    started.elapsed() < within,
-                    "gave up: the API does not answer"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-fn status(doc: &Value) -> &str {
-    doc["job"]["status"].as_str().unwrap_or("")
 }
 
 /// An analyzer that sleeps first: a job long enough to be interrupted.
@@ -211,20 +125,22 @@ fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitSt
 async fn a_worker_killed_mid_job_leaves_the_message_to_come_back_and_the_job_completes_once() {
     let db = TestDb::new(Backend::Sqlite).await;
     let (stop, base, env, settings) = api_without_worker(&db).await;
-    let client = Client::signed_in(base).await;
+    let client = DocClient::signed_in(&base).await;
     let slow = slow_analyzer(db.dir.path(), 60);
     let mut doomed = spawn_worker(&env, &slow, "doomed");
     let id = client
         .upload("notes.txt", "text/plain", PROSE.as_bytes().to_vec())
         .await;
     let doc = client
-        .wait_for(&id, Duration::from_secs(30), |d| status(d) == "running")
+        .wait_for(&id, Duration::from_secs(30), |d| job_status(d) == "running")
         .await;
     doomed.kill().unwrap(); // SIGKILL
     doomed.wait().unwrap();
     let mut rescuer = spawn_worker(&env, &tests::karmic_binary!(), "rescuer");
     let done = client
-        .wait_for(&id, Duration::from_secs(30), |d| status(d) == "succeeded")
+        .wait_for(&id, Duration::from_secs(30), |d| {
+            job_status(d) == "succeeded"
+        })
         .await;
     assert_eq!(done["job"]["attempts"], 2, "{done:#}");
     let job = doc["job"]["job_id"].as_str().unwrap();
@@ -249,14 +165,14 @@ async fn a_worker_killed_mid_job_leaves_the_message_to_come_back_and_the_job_com
 async fn a_worker_told_to_stop_mid_job_releases_it_and_exits_in_bounded_time() {
     let db = TestDb::new(Backend::Sqlite).await;
     let (stop, base, env, settings) = api_without_worker(&db).await;
-    let client = Client::signed_in(base).await;
+    let client = DocClient::signed_in(&base).await;
     let slow = slow_analyzer(db.dir.path(), 60);
     let mut stopping = spawn_worker(&env, &slow, "stopping");
     let id = client
         .upload("notes.txt", "text/plain", PROSE.as_bytes().to_vec())
         .await;
     client
-        .wait_for(&id, Duration::from_secs(30), |d| status(d) == "running")
+        .wait_for(&id, Duration::from_secs(30), |d| job_status(d) == "running")
         .await;
     let pid = stopping.id().to_string();
     assert!(
@@ -278,7 +194,9 @@ async fn a_worker_told_to_stop_mid_job_releases_it_and_exits_in_bounded_time() {
     // Released, so the next worker takes it at once (not after the 3 s visibility).
     let mut next = spawn_worker(&env, &tests::karmic_binary!(), "next");
     let done = client
-        .wait_for(&id, Duration::from_secs(30), |d| status(d) == "succeeded")
+        .wait_for(&id, Duration::from_secs(30), |d| {
+            job_status(d) == "succeeded"
+        })
         .await;
     assert_eq!(done["job"]["attempts"], 2);
     let job = done["job"]["job_id"].as_str().unwrap();
@@ -323,7 +241,7 @@ async fn the_embedded_default_runs_the_whole_flow_through_the_real_binary() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let client = Client::signed_in(base).await;
+    let client = DocClient::signed_in(&base).await;
     let pdf = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../worker/tests/fixtures/report.pdf"
@@ -344,7 +262,9 @@ async fn the_embedded_default_runs_the_whole_flow_through_the_real_binary() {
         .await;
     for id in [&a, &b] {
         let doc = client
-            .wait_for(id, Duration::from_secs(30), |d| status(d) == "succeeded")
+            .wait_for(id, Duration::from_secs(30), |d| {
+                job_status(d) == "succeeded"
+            })
             .await;
         assert!(doc["analysis"]["words"].as_u64().unwrap() > 20, "{doc:#}");
     }

@@ -16,7 +16,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::Value;
+use tests::docs::{DocClient, job_status};
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../worker/tests/fixtures");
 const PDF: &str = "application/pdf";
@@ -137,78 +138,10 @@ fn children_max_rss_kb() -> i64 {
         .unwrap_or(0)
 }
 
-struct Api {
-    base: String,
-    http: reqwest::Client,
-    token: String,
-}
-
-impl Api {
-    async fn upload(&self, name: &str, ct: &str, bytes: Vec<u8>) -> (String, Instant) {
-        let r = self
-            .http
-            .post(format!("{}/documents/upload", self.base))
-            .bearer_auth(&self.token)
-            .json(&json!({"filename": name, "content_type": ct, "size": bytes.len()}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 201);
-        let grant: Value = r.json().await.unwrap();
-        let up = &grant["upload"];
-        let mut req = self.http.put(up["url"].as_str().unwrap());
-        for (k, v) in up["headers"].as_object().unwrap() {
-            if !k.eq_ignore_ascii_case("content-length") {
-                req = req.header(k, v.as_str().unwrap());
-            }
-        }
-        assert_eq!(req.body(bytes).send().await.unwrap().status(), 200);
-        (
-            grant["document_id"].as_str().unwrap().to_owned(),
-            Instant::now(),
-        )
-    }
-
-    async fn status(&self, id: &str) -> String {
-        let doc: Value = self
-            .http
-            .get(format!("{}/documents/{id}", self.base))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        doc["job"]["status"].as_str().unwrap_or("").to_owned()
-    }
-}
-
-async fn signed_in(base: &str) -> Api {
-    let http = reqwest::Client::new();
-    let email = format!("bench{}@example.com", uuid::Uuid::new_v4().simple());
-    let pw = "correct horse battery staple";
-    let r = http
-        .post(format!("{base}/auth/register"))
-        .json(&json!({"email": email, "password": pw, "display_name": "Bench"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201);
-    let token: Value = http
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": email, "password": pw}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    Api {
-        base: base.to_owned(),
-        http,
-        token: token["access_token"].as_str().unwrap().to_owned(),
-    }
+/// The job's status of a document, as the API shows it.
+async fn status(api: &DocClient, id: &str) -> String {
+    let doc: Value = api.document(id).await.json().await.unwrap();
+    job_status(&doc).to_owned()
 }
 
 fn analyzer_program() -> std::path::PathBuf {
@@ -281,7 +214,7 @@ async fn main() {
     let sys_task = tokio::spawn(system.run_until(async {
         let _ = stop_rx.await;
     }));
-    let api = Arc::new(signed_in(&base).await);
+    let api = Arc::new(DocClient::signed_in(&base).await);
     let started = Instant::now();
     let mut ids = Vec::new();
     for chunk in files.chunks(8) {
@@ -289,7 +222,7 @@ async fn main() {
         for (name, ct, bytes) in chunk.iter().cloned() {
             let api = api.clone();
             tasks.push(tokio::spawn(
-                async move { api.upload(&name, ct, bytes).await.0 },
+                async move { api.upload(&name, ct, bytes).await },
             ));
         }
         for t in tasks {
@@ -314,7 +247,7 @@ async fn main() {
     while !pending.is_empty() {
         let mut still = Vec::new();
         for id in pending {
-            match api.status(&id).await.as_str() {
+            match status(&api, &id).await.as_str() {
                 "succeeded" => {}
                 "dead_lettered" => panic!("{id} failed"),
                 _ => still.push(id),
@@ -359,9 +292,10 @@ async fn main() {
             .await
             .unwrap();
         alone.push(t.elapsed().as_secs_f64() * 1000.0);
-        let (id, put_done) = api.upload(name, ct, bytes.clone()).await;
+        let id = api.upload(name, ct, bytes.clone()).await;
+        let put_done = Instant::now();
         loop {
-            if api.status(&id).await == "succeeded" {
+            if status(&api, &id).await == "succeeded" {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
