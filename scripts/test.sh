@@ -5,8 +5,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
+# One build for both: the fuzzed `karmic` and the tests share its artifacts (building the
+# binary alone would unify features differently and compile the world a second time).
+cargo build --workspace --all-targets
 fuzz=0
-bash scripts/schemathesis.sh || fuzz=$?
+KARMIC_BIN=target/debug/karmic bash scripts/schemathesis.sh || fuzz=$?
 tests=0
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@" || tests=$?
