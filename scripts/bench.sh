@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh
-cargo build --release -p tests --bins
+cargo build --release -p tests -p worker --bins
 cargo run --release -p tests --bin bench
 # The command path at C=1 and C=16, fresh histories and one aggregate per client.
 cargo run --release -p tests --bin command_path

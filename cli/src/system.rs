@@ -150,7 +150,7 @@ impl System {
             .await?;
             let addr = endpoint.local_addr();
             settings.s3_endpoint = Some(format!("http://{addr}"));
-            settings.aws_credentials = Some((key, secret));
+            settings.s3_credentials = Some((key, secret));
             let (stop, mut stopped) = watch::channel(false);
             let task = tokio::spawn(endpoint.run_until(async move {
                 let _ = stopped.wait_for(|s| *s).await;
@@ -212,13 +212,29 @@ impl System {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
         let (tx, rx) = watch::channel(false);
+        let tx = Arc::new(tx);
         let stopped = move |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|s| *s).await;
         };
-        let api = tokio::spawn(self.app.run_until(stopped(rx.clone())));
-        let worker = self
-            .worker
-            .map(|w| tokio::spawn(w.run(stopped(rx.clone()))));
+        // Whichever part ends first (the signal, or the API or the worker failing on its
+        // own) stops the others: one part down is the whole process down, so that a
+        // supervisor sees it exit and restarts it.
+        let api = {
+            let (tx, part) = (tx.clone(), self.app.run_until(stopped(rx.clone())));
+            tokio::spawn(async move {
+                let r = part.await;
+                let _ = tx.send(true);
+                r
+            })
+        };
+        let worker = self.worker.map(|w| {
+            let (tx, part) = (tx.clone(), w.run(stopped(rx.clone())));
+            tokio::spawn(async move {
+                let r = part.await;
+                let _ = tx.send(true);
+                r
+            })
+        });
         tokio::spawn(async move {
             shutdown.await;
             let _ = tx.send(true);
@@ -241,7 +257,13 @@ impl System {
 
 /// `karmic worker`: the worker alone (AWS: on EC2, against SQS, S3 and the event store),
 /// with the projector running beside it so read models follow its events.
-pub async fn run_worker(settings: Settings) -> Result<()> {
+pub async fn run_worker(mut settings: Settings) -> Result<()> {
+    if settings.is_embedded() && settings.s3_endpoint.is_none() && settings.s3_credentials.is_none()
+    {
+        // Beside an embedded `karmic serve` (KARMIC_WORKER_IN_PROCESS=false): its S3
+        // endpoint, with the keys it keeps in the data directory.
+        settings.s3_credentials = Some(storage::embedded::credentials(&settings.data_dir)?);
+    }
     let rt = Runtime::build(settings).await?;
     let queue = job_queue(&rt).await?;
     let w = worker(&rt, queue)?;

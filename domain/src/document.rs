@@ -142,6 +142,9 @@ pub enum Sniffed {
     Text,
     /// Anything else: another binary format, or bytes that are not UTF-8.
     Other,
+    /// Not looked at: larger than the worker reads (its size limit is below the one the
+    /// upload was signed under, a configuration mismatch between API and worker).
+    Unread,
 }
 
 /// The name the client gave its file: shown back to it, never used as a storage key.
@@ -271,6 +274,8 @@ pub enum Rejection {
         declared: ContentType,
         sniffed: Sniffed,
     },
+    /// It is larger than the worker reads.
+    TooLarge { actual: u64 },
 }
 
 impl fmt::Display for Rejection {
@@ -281,6 +286,9 @@ impl fmt::Display for Rejection {
             }
             Rejection::TypeMismatch { declared, sniffed } => {
                 write!(f, "declared {declared}, content looks like {sniffed:?}")
+            }
+            Rejection::TooLarge { actual } => {
+                write!(f, "{actual} bytes: more than the worker reads")
             }
         }
     }
@@ -406,6 +414,11 @@ impl Document {
                                 declared,
                                 actual: size,
                             },
+                        }]);
+                    }
+                    if sniffed == Sniffed::Unread {
+                        return Ok(vec![DocumentEvent::DocumentRejected {
+                            reason: Rejection::TooLarge { actual: size },
                         }]);
                     }
                     if !content_type.accepts(sniffed) {
@@ -581,6 +594,13 @@ mod tests {
                     declared: ContentType::Csv,
                     sniffed: Sniffed::Other,
                 },
+            }]);
+        // Too large for the worker to read: refused as such, not as the wrong type.
+        DocumentTest::with(())
+            .given(vec![requested(ContentType::Pdf, 10)])
+            .when(confirm(10, Sniffed::Unread))
+            .then_expect_events(vec![DocumentEvent::DocumentRejected {
+                reason: Rejection::TooLarge { actual: 10 },
             }]);
         // Text types cannot be told apart by content: Markdown that sniffs as text is fine.
         DocumentTest::with(())

@@ -330,7 +330,10 @@ pub fn s3_settings(settings: &Settings) -> storage::S3Settings {
         endpoint,
         bucket: settings.s3_bucket.clone(),
         region: settings.aws_region.clone(),
-        credentials: settings.aws_credentials.clone(),
+        credentials: settings
+            .s3_credentials
+            .clone()
+            .or_else(|| settings.aws_credentials.clone()),
         upload_expiry: settings.upload_url_ttl,
         download_expiry: settings.download_url_ttl,
         timeout: Duration::from_secs(30),

@@ -107,6 +107,10 @@ pub struct Settings {
     /// `KARMIC_AWS_SECRET_ACCESS_KEY`); unset in AWS, where the role's credentials are
     /// found by the default chain.
     pub aws_credentials: Option<(String, SecretString)>,
+    /// Keys for S3 alone, before `aws_credentials`: the embedded endpoint's, read from
+    /// `KARMIC_DATA_DIR/s3-credentials` (never from the environment, and never handed to
+    /// SQS).
+    pub s3_credentials: Option<(String, SecretString)>,
     /// The SQS endpoint (`KARMIC_SQS_ENDPOINT`); unset: AWS's.
     pub sqs_endpoint: Option<String>,
     /// The queue of storage notifications (`KARMIC_SQS_QUEUE_URL`); unset: the embedded
@@ -260,6 +264,7 @@ impl Default for Settings {
             s3_embedded_addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
             aws_region: "us-east-1".to_owned(),
             aws_credentials: None,
+            s3_credentials: None,
             sqs_endpoint: None,
             sqs_queue_url: None,
             sqs_dlq_url: None,

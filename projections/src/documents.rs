@@ -163,12 +163,16 @@ pub fn rejection_text(r: &Rejection) -> String {
                 Sniffed::Docx => "a Word (DOCX) document",
                 Sniffed::Text => "plain text",
                 Sniffed::Other => "neither a PDF, a Word document nor text",
+                Sniffed::Unread => "nothing (it was not read)",
             };
             format!(
                 "type mismatch: declared as {}, but the content looks like {looks}",
                 declared.mime()
             )
         }
+        Rejection::TooLarge { actual } => format!(
+            "too large: the file that arrived is {actual} bytes, more than the worker reads"
+        ),
     }
 }
 

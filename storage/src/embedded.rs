@@ -3,16 +3,18 @@
 //!
 //! `s3s` speaks the S3 protocol and verifies SigV4 (headers and presigned query strings)
 //! against one access key; `s3s-fs` stores the objects under a directory. A thin wrapper
-//! adds what `s3s-fs` lacks: `If-Match` on GET, `response-content-disposition`, and an
-//! S3 event notification (as real S3 would send to SQS) after every successful PUT.
+//! adds what `s3s-fs` lacks: `If-Match` on GET, `If-None-Match: *` on PUT (S3's
+//! conditional write, which makes an upload URL write once), `response-content-disposition`,
+//! and an S3 event notification (as real S3 would send to SQS) after every successful PUT.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
@@ -77,8 +79,10 @@ impl EmbeddedS3 {
         })?;
         let backend = Backend {
             fs,
+            root: root.to_owned(),
             sink,
             sequencer: AtomicU64::new(0),
+            writing: Mutex::default(),
         };
         let mut builder = S3ServiceBuilder::new(backend);
         // Required: without an auth provider, signed (and presigned) requests are refused.
@@ -176,11 +180,56 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
 /// `s3s-fs` plus what it lacks; only the operations Karmic uses are exposed.
 struct Backend {
     fs: s3s_fs::FileSystem,
+    /// Where `fs` keeps the objects (`ROOT/BUCKET/KEY`).
+    root: PathBuf,
     sink: Arc<dyn ObjectCreatedSink>,
     sequencer: AtomicU64,
+    /// (bucket, key) of conditional PUTs under way: a second one at the same time is a
+    /// conflict, as on S3.
+    writing: Mutex<HashSet<(String, String)>>,
+}
+
+/// A conditional PUT's hold on its key, released when dropped.
+struct Claim<'a> {
+    writing: &'a Mutex<HashSet<(String, String)>>,
+    key: (String, String),
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+    }
 }
 
 impl Backend {
+    /// Where `fs` keeps `bucket`/`key`; keys that would leave the bucket's directory are
+    /// refused (s3s-fs refuses them too; this check is for the paths used here).
+    fn object_path(&self, bucket: &str, key: &str) -> S3Result<PathBuf> {
+        let unsafe_part = |p: &str| p.is_empty() || p == "." || p == "..";
+        if unsafe_part(bucket) || bucket.contains('/') || key.split('/').any(|p| p == "..") {
+            return Err(s3_error!(InvalidArgument, "invalid bucket or key"));
+        }
+        Ok(self.root.join(bucket).join(key))
+    }
+
+    fn claim(&self, bucket: &str, key: &str) -> S3Result<Claim<'_>> {
+        let k = (bucket.to_owned(), key.to_owned());
+        let mut writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        if !writing.insert(k.clone()) {
+            return Err(s3_error!(
+                ConditionalRequestConflict,
+                "a conditional write to this key is under way"
+            ));
+        }
+        Ok(Claim {
+            writing: &self.writing,
+            key: k,
+        })
+    }
+
     /// A strictly increasing hex sequencer, like S3's (ordering events for one key).
     fn next_sequencer(&self) -> String {
         let now = u64::try_from(Utc::now().timestamp_nanos_opt().unwrap_or(0)).unwrap_or(0);
@@ -276,6 +325,27 @@ impl S3 for Backend {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let bucket = req.input.bucket.clone();
         let key = req.input.key.clone();
+        let path = self.object_path(&bucket, &key)?;
+        // s3s-fs ignores If-None-Match; `*` is S3's "only if there is no such object".
+        let _claim = match &req.input.if_none_match {
+            None => None,
+            Some(ETagCondition::Any) => {
+                let claim = self.claim(&bucket, &key)?;
+                if tokio::fs::try_exists(&path).await.unwrap_or(true) {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "the object exists (If-None-Match: *)"
+                    ));
+                }
+                Some(claim)
+            }
+            Some(ETagCondition::ETag(_)) => {
+                return Err(s3_error!(
+                    NotImplemented,
+                    "If-None-Match on PUT takes only *"
+                ));
+            }
+        };
         let principal = req
             .credentials
             .as_ref()
@@ -305,9 +375,10 @@ impl S3 for Backend {
         let json = serde_json::to_string(&notification)
             .map_err(|e| s3_error!(e, InternalError, "encoding the event notification"))?;
         if let Err(e) = self.sink.object_created(json).await {
-            // The object stays; the client's retry overwrites it with the same bytes and
-            // produces the notification again.
+            // Without its notification the object would never be seen: take it away, so
+            // that the client's retry (a conditional one too) stores it and notifies.
             tracing::error!(error = ?e, %bucket, %key, "embedded S3: the object-created sink failed");
+            let _ = tokio::fs::remove_file(&path).await;
             return Err(s3_error!(
                 InternalError,
                 "the object was stored but its notification could not be queued; retry"

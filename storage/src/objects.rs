@@ -201,7 +201,10 @@ impl ObjectStore {
     }
 
     /// A URL for uploading exactly `length` bytes of `content_type` to `key`; both are
-    /// signed, so any other size or type is refused by S3 with 403.
+    /// signed, so any other size or type is refused by S3 with 403. It writes once: it
+    /// signs `If-None-Match: *` (S3's conditional write), so once an object is there a
+    /// second PUT with the URL is refused with 412 and cannot replace what was confirmed
+    /// and analysed.
     pub async fn presign_put(
         &self,
         key: &ObjectKey,
@@ -217,6 +220,7 @@ impl ObjectStore {
             .key(key.as_str())
             .content_type(content_type)
             .content_length(length)
+            .if_none_match("*")
             .presigned(config)
             .await
             .with_context(|| format!("presigning PUT {key}"))?;

@@ -130,12 +130,15 @@ async fn a_presigned_put_with_the_declared_body_is_stored_and_notified() {
         [
             ("Content-Length".to_owned(), BODY.len().to_string()),
             ("Content-Type".to_owned(), "application/pdf".to_owned()),
+            ("If-None-Match".to_owned(), "*".to_owned()),
         ]
     );
     assert!(put.expires_at > chrono::Utc::now());
     assert!(
         put.url
-            .contains("X-Amz-SignedHeaders=content-length%3Bcontent-type%3Bhost")
+            .contains("X-Amz-SignedHeaders=content-length%3Bcontent-type%3Bhost%3Bif-none-match"),
+        "{}",
+        put.url
     );
 
     let resp = s3.send(&put, BODY.to_vec()).await;
@@ -199,6 +202,63 @@ async fn a_presigned_put_with_the_declared_body_is_stored_and_notified() {
             size: BODY.len() as u64
         }
     );
+}
+
+#[tokio::test]
+async fn an_upload_url_writes_once() {
+    let s3 = spawn_s3().await;
+    let key = new_key();
+    let put = s3
+        .store
+        .presign_put(&key, "application/pdf", BODY.len() as u64)
+        .await
+        .unwrap();
+    assert_eq!(s3.send(&put, BODY.to_vec()).await.status(), 200);
+    let etag = s3.store.head(&key).await.unwrap().unwrap().etag;
+    // Same URL, same size and type, other bytes: it must not replace what is there.
+    let other = b"%PDF-1.7 hello, WORLD".to_vec();
+    assert_eq!(other.len(), BODY.len());
+    let resp = s3.send(&put, other.clone()).await;
+    assert_eq!(resp.status(), 412, "{}", resp.text().await.unwrap());
+    assert_eq!(s3.store.head(&key).await.unwrap().unwrap().etag, etag);
+    assert_eq!(s3.events().len(), 1, "no notification for the refused PUT");
+    // Dropping the If-None-Match header breaks the signature.
+    let mut unconditional = put.clone();
+    unconditional
+        .headers
+        .retain(|(name, _)| !name.eq_ignore_ascii_case("if-none-match"));
+    assert_eq!(s3.send(&unconditional, other.clone()).await.status(), 403);
+    // Once the object is gone (a refused upload is deleted), the URL may write again.
+    s3.store.delete(&key).await.unwrap();
+    assert_eq!(s3.send(&put, other).await.status(), 200);
+    assert_eq!(s3.events().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_conditional_puts_store_one_object() {
+    let s3 = spawn_s3().await;
+    let key = new_key();
+    let put = s3
+        .store
+        .presign_put(&key, "application/pdf", BODY.len() as u64)
+        .await
+        .unwrap();
+    let sends = (0..8).map(|_| s3.send(&put, BODY.to_vec()));
+    let statuses: Vec<u16> = futures::future::join_all(sends)
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| [200, 409, 412].contains(s)),
+        "{statuses:?}"
+    );
+    assert_eq!(s3.events().len(), 1);
 }
 
 #[tokio::test]

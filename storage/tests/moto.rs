@@ -67,6 +67,9 @@ async fn a_presigned_put_is_read_back_conditionally_and_deleted() {
         .unwrap();
     let resp = send(&put, BODY.to_vec()).await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    // The URL writes once (If-None-Match: *): other bytes cannot replace the object.
+    let resp = send(&put, b"%PDF-1.7 HELLO, MOTO".to_vec()).await;
+    assert_eq!(resp.status(), 412, "{}", resp.text().await.unwrap());
 
     let info = store.head(&key).await.unwrap().unwrap();
     assert_eq!(info.size, BODY.len() as u64);

@@ -62,18 +62,19 @@ async fn api_without_worker(
     tokio::spawn(system.run_until(async {
         let _ = rx.await;
     }));
-    use secrecy::ExposeSecret;
-    let (key, secret) = settings.aws_credentials.clone().unwrap();
+    // The worker finds the embedded endpoint's keys in the shared data directory itself;
+    // it is told only where the endpoint listens (port 0 picked one).
     let mut env = db.process_env();
+    env.retain(|(k, _)| k != "KARMIC_S3_EMBEDDED_ADDR");
     env.extend([
         (
-            "KARMIC_S3_ENDPOINT".to_owned(),
-            settings.s3_endpoint.clone().unwrap(),
-        ),
-        ("KARMIC_AWS_ACCESS_KEY_ID".to_owned(), key),
-        (
-            "KARMIC_AWS_SECRET_ACCESS_KEY".to_owned(),
-            secret.expose_secret().to_owned(),
+            "KARMIC_S3_EMBEDDED_ADDR".to_owned(),
+            settings
+                .s3_endpoint
+                .clone()
+                .unwrap()
+                .trim_start_matches("http://")
+                .to_owned(),
         ),
         ("KARMIC_WORKER_WAIT_SECS".to_owned(), "1".to_owned()),
         ("KARMIC_WORKER_VISIBILITY_SECS".to_owned(), "3".to_owned()),

@@ -251,6 +251,10 @@ async fn every_pool_size_serves_commands_and_projects(backend: Backend) {
         let app = Arc::new(
             TestApp::spawn_with(backend, |s| {
                 s.db_max_connections = size;
+                // The point here is that no pool size deadlocks, not latency: under CI's
+                // load a one-connection pool can take longer than the default wait, and
+                // the time bound below still catches a stall.
+                s.read_your_writes = Duration::from_secs(10);
             })
             .await,
         );

@@ -6,10 +6,14 @@
 //! message or change its visibility). In AWS that is SQS itself; embedded, it is
 //! [`SqliteQueue`], a table in the embedded database, so it survives restarts.
 
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, anyhow};
 use sqlx::{Row, SqlitePool};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, oneshot};
 use uuid::Uuid;
 
 /// A message as one receive hands it out.
@@ -30,12 +34,23 @@ pub trait JobQueue: Send + Sync {
     async fn send(&self, body: &str) -> Result<String>;
     /// Up to `max` visible messages, waiting up to `wait` for the first; each is hidden
     /// for `visibility`.
+    ///
+    /// Cancel-safe: if the returned future is dropped (a worker shutting down mid-poll),
+    /// whatever the receive took is given back ([`JobQueue::give_back`]) instead of
+    /// staying hidden for `visibility`; [`JobQueue::close`] waits until that is done.
     async fn receive(
         &self,
         max: u32,
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<Received>>;
+    /// Let the message come back after `delay` as if this receive had not happened: its
+    /// receive count is not spent. For a receive that did no work (the event store or the
+    /// bucket was unreachable), so that an outage never walks a message into the
+    /// dead-letter queue behind the job's back. `false`: the receipt is stale.
+    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool>;
+    /// Wait until receives whose callers went away have given their messages back.
+    async fn close(&self);
     /// Hide the message for `visibility` from now (a heartbeat). `false`: the receipt is
     /// stale (the message was received again, or deleted).
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool>;
@@ -48,6 +63,76 @@ pub trait JobQueue: Send + Sync {
     async fn dead_letters(&self) -> Result<Vec<(String, String)>>;
 }
 
+/// What a detached receive hands back: the messages, and its hold on the queue's
+/// `receiving` lock (released once they are handed over or given back).
+type Handover = (Result<Vec<Received>>, OwnedRwLockReadGuard<()>);
+
+/// The caller's end of a detached receive. Dropped before it has the messages, it tells
+/// the poll to stop and gives back whatever the poll already took.
+struct Pending<Q: JobQueue + Clone + 'static> {
+    rx: oneshot::Receiver<Handover>,
+    abandoned: Arc<AtomicBool>,
+    queue: Q,
+}
+
+impl<Q: JobQueue + Clone + 'static> Drop for Pending<Q> {
+    fn drop(&mut self) {
+        self.abandoned.store(true, Ordering::SeqCst);
+        self.rx.close();
+        // Sent just before the close: still ours to give back.
+        if let Ok((Ok(messages), guard)) = self.rx.try_recv()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let queue = self.queue.clone();
+            rt.spawn(async move {
+                for m in &messages {
+                    let _ = queue.give_back(m, Duration::ZERO).await;
+                }
+                drop(guard);
+            });
+        }
+    }
+}
+
+/// Run `poll` in a task of its own, so that dropping the caller's future mid-poll cannot
+/// strand the messages it took (the trait's cancel-safety): they are given back, and
+/// [`JobQueue::close`] (the `receiving` lock taken exclusively) waits for that. `poll`
+/// should stop early once its flag is set.
+pub(crate) async fn receive_detached<Q, F, Fut>(
+    queue: &Q,
+    receiving: &Arc<RwLock<()>>,
+    poll: F,
+) -> Result<Vec<Received>>
+where
+    Q: JobQueue + Clone + 'static,
+    F: FnOnce(Q, Arc<AtomicBool>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Vec<Received>>> + Send + 'static,
+{
+    let guard = receiving.clone().read_owned().await;
+    let (tx, rx) = oneshot::channel::<Handover>();
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let (q, flag) = (queue.clone(), abandoned.clone());
+    tokio::spawn(async move {
+        let got = poll(q.clone(), flag).await;
+        if let Err((Ok(messages), guard)) = tx.send((got, guard)) {
+            for m in &messages {
+                let _ = q.give_back(m, Duration::ZERO).await;
+            }
+            drop(guard);
+        }
+    });
+    let mut pending = Pending {
+        rx,
+        abandoned,
+        queue: queue.clone(),
+    };
+    let (got, guard) = (&mut pending.rx)
+        .await
+        .map_err(|_| anyhow!("the receive task failed"))?;
+    drop(guard);
+    got
+}
+
 /// [`JobQueue`] over the `queue_messages` table of the embedded database.
 #[derive(Debug, Clone)]
 pub struct SqliteQueue {
@@ -55,6 +140,8 @@ pub struct SqliteQueue {
     name: String,
     dead_letter_name: String,
     max_receives: u32,
+    /// Held (shared) by each receive in flight; [`JobQueue::close`] takes it exclusively.
+    receiving: Arc<RwLock<()>>,
 }
 
 fn now_ms() -> i64 {
@@ -80,6 +167,30 @@ impl SqliteQueue {
             name: name.to_owned(),
             dead_letter_name: format!("{name}-dlq"),
             max_receives: max_receives.max(1),
+            receiving: Arc::new(RwLock::new(())),
+        }
+    }
+
+    /// The long poll: one attempt every 50 ms until a message comes, `wait` is over or
+    /// the caller has gone.
+    async fn poll(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+        abandoned: &AtomicBool,
+    ) -> Result<Vec<Received>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if abandoned.load(Ordering::SeqCst) {
+                return Ok(vec![]);
+            }
+            let got = self.receive_now(max.clamp(1, 10), visibility).await?;
+            if !got.is_empty() || Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
         }
     }
 
@@ -161,15 +272,29 @@ impl JobQueue for SqliteQueue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<Received>> {
-        let deadline = Instant::now() + wait;
-        loop {
-            let got = self.receive_now(max.clamp(1, 10), visibility).await?;
-            if !got.is_empty() || Instant::now() >= deadline {
-                return Ok(got);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
-        }
+        receive_detached(self, &self.receiving, move |q, abandoned| async move {
+            q.poll(max, wait, visibility, &abandoned).await
+        })
+        .await
+    }
+
+    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE queue_messages
+                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL
+              WHERE receipt = ?1",
+        )
+        .bind(&message.receipt)
+        .bind(now_ms().saturating_add(ms(delay)))
+        .execute(&self.pool)
+        .await
+        .context("giving a message back")?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn close(&self) {
+        let _ = self.receiving.write().await;
     }
 
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {

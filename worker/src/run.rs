@@ -78,8 +78,22 @@ enum Disposal {
     Delete,
     /// Retrying cannot help: move it to the dead-letter queue.
     DeadLetter,
-    /// Let it come back after this long (a retryable failure).
+    /// No work was done (the event store or the bucket was unreachable): let it come
+    /// back after this long without spending a receive, so that an outage cannot walk it
+    /// into the dead-letter queue behind the job's back.
+    GiveBack(Duration),
+    /// An attempt was made and failed retryably: let it come back after this long.
     Retry(Duration),
+}
+
+/// Aborts the task when dropped: a heartbeat must not outlive the handling of its
+/// message, even when that handling is itself dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The worker's parts.
@@ -162,6 +176,17 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
         }
         info!(in_flight = tasks.len(), "worker stopping: no more receives");
+        // A receive cut short gives its messages back; wait for that (a long poll ends
+        // within its wait).
+        if tokio::time::timeout(
+            self.settings.wait + Duration::from_secs(10),
+            self.queue.close(),
+        )
+        .await
+        .is_err()
+        {
+            warn!("a receive cut short did not finish giving its messages back");
+        }
         let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
         })
@@ -181,7 +206,7 @@ impl Worker {
     /// [`Worker::handle`], with a heartbeat while it runs, ended early (the message made
     /// visible again) if the worker is told to release its work.
     async fn handle_released(&self, message: Received, mut release: watch::Receiver<bool>) {
-        let heartbeat = {
+        let mut heartbeat = AbortOnDrop({
             let queue = self.queue.clone();
             let receipt = message.receipt.clone();
             let (every, visibility) = (self.settings.heartbeat, self.settings.visibility);
@@ -203,20 +228,21 @@ impl Worker {
                 }
                 .in_current_span(),
             )
-        };
+        });
         let disposal = tokio::select! {
             d = self.handle(&message) => Some(d),
             _ = release.wait_for(|r| *r) => None,
         };
         // The heartbeat stops before the message is let go of.
-        heartbeat.abort();
-        let _ = heartbeat.await;
+        heartbeat.0.abort();
+        let _ = (&mut heartbeat.0).await;
         let result = match disposal {
             Some(Disposal::Delete) => self.queue.delete(&message.receipt).await,
             Some(Disposal::DeadLetter) => self.queue.dead_letter(&message).await,
             Some(Disposal::Retry(after)) => {
                 self.queue.change_visibility(&message.receipt, after).await
             }
+            Some(Disposal::GiveBack(after)) => self.queue.give_back(&message, after).await,
             None => {
                 info!("released at shutdown");
                 self.queue
@@ -256,8 +282,8 @@ impl Worker {
             let d = match self.object_created(object, message.receive_count).await {
                 Ok(d) => d,
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), key = %object.key, "infrastructure failure");
-                    Disposal::Retry(self.retry_after(message.receive_count))
+                    warn!(error = %format!("{e:#}"), key = %object.key, "infrastructure failure before any attempt; giving the message back");
+                    Disposal::GiveBack(self.retry_after(message.receive_count))
                 }
             };
             disposal = disposal.max(d);
@@ -296,8 +322,8 @@ impl Worker {
                 let sniffed = sniff(&bytes);
                 (Some(bytes), sniffed)
             }
-            // Larger than any upload may be: the confirmation refuses it on its size.
-            Fetched::TooLarge { .. } => (None, domain::Sniffed::Other),
+            // Larger than this worker reads: the confirmation refuses it as too large.
+            Fetched::TooLarge { .. } => (None, domain::Sniffed::Unread),
             Fetched::Missing => {
                 info!("the object is gone");
                 return Ok(Disposal::Delete);
@@ -338,7 +364,13 @@ impl Worker {
                 self.objects.delete(&key).await?;
                 Ok(Disposal::Delete)
             }
-            Confirmation::Ignored => Ok(Disposal::Delete),
+            Confirmation::Ignored => {
+                // Upload URLs write once, so another object under a confirmed document's
+                // key was put there some other way (direct write access to the bucket).
+                // The analysis stands for the confirmed ETag only; say so loudly.
+                warn!(etag = %info.etag, "the object is not the one confirmed for its document (replaced outside its upload URL); ignored");
+                Ok(Disposal::Delete)
+            }
         }
     }
 
@@ -366,8 +398,11 @@ impl Worker {
                 });
             }
             Err(CommandError::Rejected(AiJobError::AlreadyStarted)) => {
-                info!("a duplicate delivery of a running attempt: dropped");
-                return Ok(Disposal::Delete);
+                // Another delivery runs this attempt. It may be another copy of this
+                // very message (SQS delivers at least once), and deleting ours would
+                // delete the message under it: wait for the outcome instead.
+                info!("a duplicate delivery of a running attempt: waiting for its outcome");
+                return self.await_outcome(job).await;
             }
             Err(CommandError::Rejected(e)) => {
                 warn!(error = %e, "the job cannot start");
@@ -375,15 +410,68 @@ impl Worker {
             }
             Err(e) => return Err(anyhow::Error::new(e).context("starting the job")),
         };
+        // From here on the attempt counts: a failure to store its outcome spends the
+        // receive (the next one is a new attempt) rather than giving it back.
+        match self
+            .attempt(
+                job,
+                receive_count,
+                started.attempt,
+                bytes,
+                started.content_type,
+                meta,
+            )
+            .await
+        {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                warn!(attempt = started.attempt, error = %format!("{e:#}"), "the attempt's outcome could not be stored; retrying");
+                Ok(Disposal::Retry(self.retry_after(receive_count)))
+            }
+        }
+    }
+
+    /// A duplicate delivery waits (heartbeat running) until the job it duplicates has
+    /// an outcome, then goes; if none comes within a visibility timeout, the delivery
+    /// that ran it is presumed dead and this one comes back as the next attempt.
+    async fn await_outcome(&self, job: JobId) -> Result<Disposal> {
         let began = std::time::Instant::now();
-        match self.analyzer.analyze(bytes, started.content_type).await {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let status = self.documents.job(job).await?.state.status;
+            if matches!(status, JobStatus::Succeeded | JobStatus::DeadLettered) {
+                info!(
+                    ?status,
+                    "the duplicated attempt has finished; dropping this copy"
+                );
+                return Ok(Disposal::Delete);
+            }
+            if began.elapsed() >= self.settings.visibility {
+                warn!("no outcome from the duplicated attempt; this copy becomes the next");
+                return Ok(Disposal::Retry(Duration::ZERO));
+            }
+        }
+    }
+
+    async fn attempt(
+        &self,
+        job: JobId,
+        receive_count: u32,
+        attempt: u32,
+        bytes: Vec<u8>,
+        content_type: domain::ContentType,
+        meta: &CommandMeta,
+    ) -> Result<Disposal> {
+        let started_attempt = attempt;
+        let began = std::time::Instant::now();
+        match self.analyzer.analyze(bytes, content_type).await {
             Ok(analysis) => {
                 self.documents
-                    .job_succeeded(job, started.attempt, analysis, meta)
+                    .job_succeeded(job, started_attempt, analysis, meta)
                     .await
                     .map_err(|e| anyhow::Error::new(e).context("storing the analysis"))?;
                 info!(
-                    attempt = started.attempt,
+                    attempt = started_attempt,
                     ms = began.elapsed().as_millis() as u64,
                     "job succeeded"
                 );
@@ -393,10 +481,10 @@ impl Worker {
                 let retryable = e.retryable();
                 let dead = self
                     .documents
-                    .job_failed(job, started.attempt, &e.to_string(), retryable, meta)
+                    .job_failed(job, started_attempt, &e.to_string(), retryable, meta)
                     .await
                     .map_err(|e| anyhow::Error::new(e).context("storing the failure"))?;
-                warn!(attempt = started.attempt, retryable, dead_lettered = dead, error = %e, "job attempt failed");
+                warn!(attempt = started_attempt, retryable, dead_lettered = dead, error = %e, "job attempt failed");
                 Ok(if dead {
                     Disposal::DeadLetter
                 } else {

@@ -1,20 +1,24 @@
 //! [`JobQueue`] over Amazon SQS (and anything that speaks its API, such as moto).
 //!
 //! SQS does the visibility timeouts, receive counts and dead-lettering (the queue's
-//! redrive policy) itself; this adapter only maps the port onto its calls. Two things
+//! redrive policy) itself; this adapter only maps the port onto its calls. Three things
 //! SQS has no call for are built from others: moving one message to the dead-letter
-//! queue now (send it there, then delete it here) and listing dead letters (a receive
-//! on the dead-letter queue that leaves the messages visible).
+//! queue now (send it there, then delete it here), listing dead letters (a receive on
+//! the dead-letter queue that leaves the messages visible), and giving a receive back
+//! (send a delayed copy that carries the receives already spent in the message
+//! attribute [`RECEIVES_BEFORE`], then delete the original).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName};
+use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::RwLock;
 
-use crate::queue::{JobQueue, Received};
+use crate::queue::{JobQueue, Received, receive_detached};
 
 /// Where the queue is and how to reach it.
 #[derive(Debug, Clone)]
@@ -32,12 +36,21 @@ pub struct SqsSettings {
     pub operation_timeout: Duration,
 }
 
+/// The message attribute in which a copy made by [`JobQueue::give_back`] carries the
+/// receives its original had already spent; a receive reports SQS's own count plus it.
+pub const RECEIVES_BEFORE: &str = "KarmicReceivesBefore";
+
+/// SQS delays a message by at most 15 minutes.
+const MAX_DELAY: Duration = Duration::from_secs(900);
+
 /// The SQS adapter.
 #[derive(Debug, Clone)]
 pub struct SqsQueue {
     client: Client,
     queue_url: String,
     dead_letter_url: String,
+    /// Held (shared) by each receive in flight; [`JobQueue::close`] takes it exclusively.
+    receiving: Arc<RwLock<()>>,
 }
 
 /// An SQS client for these settings (shared with set-up code and tests).
@@ -74,16 +87,21 @@ fn code<E: ProvideErrorMetadata>(e: &E) -> &str {
     e.code().unwrap_or("")
 }
 
-/// Error codes that mean "this receipt no longer names an in-flight message".
-fn stale_receipt(code: &str) -> bool {
-    matches!(
-        code,
+/// Does the error say "this receipt no longer names an in-flight message"? SQS answers
+/// a receipt spent by a later receive or a delete with `InvalidParameterValue` whose
+/// message names the receipt handle; the same code for any other parameter is a real
+/// error and is reported as one.
+fn stale_receipt<E: ProvideErrorMetadata>(e: &E) -> bool {
+    match code(e) {
         "ReceiptHandleIsInvalid"
-            | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
-            | "MessageNotInflight"
-            | "AWS.SimpleQueueService.MessageNotInflight"
-            | "InvalidParameterValue"
-    )
+        | "AWS.SimpleQueueService.ReceiptHandleIsInvalid"
+        | "MessageNotInflight"
+        | "AWS.SimpleQueueService.MessageNotInflight" => true,
+        "InvalidParameterValue" => e
+            .message()
+            .is_some_and(|m| m.to_ascii_lowercase().contains("receipt")),
+        _ => false,
+    }
 }
 
 fn secs(d: Duration) -> i32 {
@@ -109,7 +127,52 @@ impl SqsQueue {
             client,
             queue_url: settings.queue_url.clone(),
             dead_letter_url,
+            receiving: Arc::new(RwLock::new(())),
         })
+    }
+
+    /// One ReceiveMessage call.
+    async fn receive_once(
+        &self,
+        max: u32,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Received>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.queue_url)
+            .max_number_of_messages(i32::try_from(max.clamp(1, 10)).unwrap_or(10))
+            .wait_time_seconds(secs(wait).min(20))
+            .visibility_timeout(secs(visibility))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_attribute_names(RECEIVES_BEFORE)
+            .send()
+            .await
+            .context("receiving from SQS")?;
+        Ok(out
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                let count: u32 = m
+                    .attributes()
+                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1);
+                let before: u32 = m
+                    .message_attributes()
+                    .and_then(|a| a.get(RECEIVES_BEFORE))
+                    .and_then(|v| v.string_value())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                Some(Received {
+                    id: m.message_id()?.to_owned(),
+                    body: m.body().unwrap_or_default().to_owned(),
+                    receipt: m.receipt_handle()?.to_owned(),
+                    receive_count: before.saturating_add(count),
+                })
+            })
+            .collect())
     }
 
     pub fn queue_url(&self) -> &str {
@@ -232,34 +295,40 @@ impl JobQueue for SqsQueue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<Received>> {
-        let out = self
-            .client
-            .receive_message()
+        // A long poll cannot be cut short; whatever it brings after its caller has gone
+        // is given back.
+        receive_detached(self, &self.receiving, move |q, _abandoned| async move {
+            q.receive_once(max, wait, visibility).await
+        })
+        .await
+    }
+
+    /// A copy that carries the receives spent before this one, then the delete. If the
+    /// delete fails after the send, the message is delivered twice (the consumers are
+    /// idempotent), never lost.
+    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
+        let before = message.receive_count.saturating_sub(1);
+        self.client
+            .send_message()
             .queue_url(&self.queue_url)
-            .max_number_of_messages(i32::try_from(max.clamp(1, 10)).unwrap_or(10))
-            .wait_time_seconds(secs(wait).min(20))
-            .visibility_timeout(secs(visibility))
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_body(&message.body)
+            .delay_seconds(secs(delay.min(MAX_DELAY)))
+            .message_attributes(
+                RECEIVES_BEFORE,
+                MessageAttributeValue::builder()
+                    .data_type("Number")
+                    .string_value(before.to_string())
+                    .build()
+                    .context("building the message attribute")?,
+            )
             .send()
             .await
-            .context("receiving from SQS")?;
-        Ok(out
-            .messages()
-            .iter()
-            .filter_map(|m| {
-                let receive_count = m
-                    .attributes()
-                    .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(1);
-                Some(Received {
-                    id: m.message_id()?.to_owned(),
-                    body: m.body().unwrap_or_default().to_owned(),
-                    receipt: m.receipt_handle()?.to_owned(),
-                    receive_count,
-                })
-            })
-            .collect())
+            .context("giving a message back: sending its copy")?;
+        self.delete(&message.receipt).await
+    }
+
+    async fn close(&self) {
+        let _ = self.receiving.write().await;
     }
 
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {
@@ -273,7 +342,7 @@ impl JobQueue for SqsQueue {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if stale_receipt(code(&e)) => Ok(false),
+            Err(e) if stale_receipt(&e) => Ok(false),
             Err(e) => Err(e).context("changing a message's visibility"),
         }
     }
@@ -288,7 +357,7 @@ impl JobQueue for SqsQueue {
             .await
         {
             Ok(_) => Ok(true),
-            Err(e) if stale_receipt(code(&e)) => Ok(false),
+            Err(e) if stale_receipt(&e) => Ok(false),
             Err(e) => Err(e).context("deleting a message"),
         }
     }

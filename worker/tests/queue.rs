@@ -165,6 +165,14 @@ macro_rules! contract {
             async fn a_long_poll_returns_as_soon_as_a_message_arrives() {
                 super::long_poll(&$make(3).await).await;
             }
+            #[tokio::test]
+            async fn a_message_given_back_keeps_its_receive_count_and_never_dead_letters() {
+                super::given_back(&$make(2).await).await;
+            }
+            #[tokio::test]
+            async fn a_receive_dropped_mid_poll_gives_its_messages_back() {
+                super::dropped_receive(&$make(3).await).await;
+            }
         }
     };
 }
@@ -329,4 +337,71 @@ async fn long_poll(f: &dyn Fixture) {
             .is_empty()
     );
     assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+async fn given_back(f: &dyn Fixture) {
+    let t = f.tick();
+    let q = f.queue().await;
+    q.send("outage").await.unwrap();
+    // Far more receives than the queue allows (2), each given back: an outage that
+    // keeps failing before any work never walks the message to the dead-letter queue.
+    let mut last = None;
+    for _ in 0..4 {
+        let m = q.receive(1, t * 3, t * 30).await.unwrap();
+        assert_eq!(m.len(), 1, "the message must come back");
+        assert_eq!(m[0].body, "outage");
+        assert_eq!(m[0].receive_count, 1, "a given-back receive is not spent");
+        assert!(q.give_back(&m[0], NOW).await.unwrap());
+        last = Some(m[0].clone());
+    }
+    if f.strict_receipts() {
+        assert!(
+            !q.delete(&last.unwrap().receipt).await.unwrap(),
+            "the receipt is spent"
+        );
+    }
+    assert!(q.dead_letters().await.unwrap().is_empty());
+    // Given back with a delay: hidden until it is over.
+    let m = q.receive(1, t * 3, t * 30).await.unwrap();
+    assert!(q.give_back(&m[0], t * 2).await.unwrap());
+    assert!(
+        q.receive(1, NOW, t * 30).await.unwrap().is_empty(),
+        "hidden for the delay"
+    );
+    tokio::time::sleep(t * 3).await;
+    let m = q.receive(1, t * 3, t * 30).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].receive_count, 1);
+}
+
+async fn dropped_receive(f: &dyn Fixture) {
+    let q = f.queue().await;
+    q.send("in the poll").await.unwrap();
+    // The receive starts, takes the message, and its caller goes away (a worker shutting
+    // down mid-poll) at every point in between.
+    for cut in [0, 1, 5, 20, 100] {
+        match tokio::time::timeout(
+            Duration::from_millis(cut),
+            q.receive(10, Duration::from_secs(2), Duration::from_secs(60)),
+        )
+        .await
+        {
+            // Finished in time: handed over, so ours to give back.
+            Ok(got) => {
+                for m in got.unwrap() {
+                    assert!(q.give_back(&m, NOW).await.unwrap());
+                }
+            }
+            // Cut short (always at 0 ms): the receive must give back what it took.
+            Err(_elapsed) => {}
+        }
+        q.close().await;
+        let m = q
+            .receive(10, Duration::from_secs(3), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(m.len(), 1, "cut after {cut} ms: the message was stranded");
+        assert_eq!(m[0].receive_count, 1, "cut after {cut} ms");
+        assert!(q.give_back(&m[0], NOW).await.unwrap());
+    }
 }

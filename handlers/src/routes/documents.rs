@@ -266,7 +266,8 @@ pub struct DocumentListParams {
     #[param(minimum = 1, maximum = 100, default = 20)]
     pub limit: Option<i64>,
     /// `next_cursor` from the previous page.
-    #[param(pattern = r"^[0-9]{1,16}\.[0-9a-f]{32}$")]
+    /// (15 digits of milliseconds reach the year 33658; more would leave the calendar.)
+    #[param(pattern = r"^[0-9]{1,15}\.[0-9a-f]{32}$")]
     pub cursor: Option<String>,
 }
 
@@ -282,13 +283,17 @@ fn cursor_of(v: &DocumentResponse) -> String {
 fn parse_cursor(c: &str) -> Result<(DateTime<Utc>, DocumentId), ApiError> {
     let bad = || ApiError::BadRequest("invalid cursor".to_owned());
     let (millis, id) = c.split_once('.').ok_or_else(bad)?;
-    if millis.is_empty() || millis.len() > 16 || !millis.bytes().all(|b| b.is_ascii_digit()) {
+    if millis.is_empty() || millis.len() > 15 || !millis.bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
     if id.len() != 32 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return Err(bad());
     }
-    let at = DateTime::from_timestamp_millis(millis.parse().map_err(|_| bad())?).ok_or_else(bad)?;
+    // Read models store four-digit years (a later time would sort before "2026" as text):
+    // a cursor past the year 9999 is the same position as one at its end.
+    const END_OF_9999: i64 = 253_402_300_799_999;
+    let millis: i64 = millis.parse().map_err(|_| bad())?;
+    let at = DateTime::from_timestamp_millis(millis.min(END_OF_9999)).ok_or_else(bad)?;
     let id = DocumentId::parse(id).map_err(|_| bad())?;
     Ok((at, id))
 }

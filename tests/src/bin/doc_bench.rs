@@ -144,9 +144,16 @@ async fn status(api: &DocClient, id: &str) -> String {
     job_status(&doc).to_owned()
 }
 
+/// `karmic-analyze` (the small analysis binary `karmic serve` prefers) when it was built
+/// beside this one (`scripts/bench.sh` builds it), else the full `karmic-under-test`.
 fn analyzer_program() -> std::path::PathBuf {
     let me = std::env::current_exe().unwrap();
-    me.with_file_name("karmic-under-test")
+    let small = me.with_file_name("karmic-analyze");
+    if small.is_file() {
+        small
+    } else {
+        me.with_file_name("karmic-under-test")
+    }
 }
 
 #[tokio::main]
