@@ -147,7 +147,8 @@ impl System {
                 &secret,
                 sink.clone(),
             )
-            .await?;
+            .await?
+            .allow_origins(&settings.cors_origins);
             let addr = endpoint.local_addr();
             settings.s3_endpoint = Some(format!("http://{addr}"));
             settings.s3_credentials = Some((key, secret));

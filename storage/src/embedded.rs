@@ -21,7 +21,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use chrono::{SecondsFormat, Utc};
 use futures::Stream;
+use hyper::Method;
 use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -53,6 +55,7 @@ pub struct EmbeddedS3 {
     listener: TcpListener,
     service: S3Service,
     local_addr: SocketAddr,
+    cors: Arc<Vec<String>>,
 }
 
 /// How long shutdown waits for open connections (an upload in flight) to finish.
@@ -101,7 +104,17 @@ impl EmbeddedS3 {
             listener,
             service,
             local_addr,
+            cors: Arc::default(),
         })
+    }
+
+    /// Let browsers on these origins (`*`: any) PUT and GET with presigned URLs, as a
+    /// bucket's CORS rules do on S3: a frontend uploads straight to the endpoint from its
+    /// own origin. `karmic serve` passes the API's `KARMIC_CORS_ORIGINS`. None by default.
+    #[must_use]
+    pub fn allow_origins(mut self, origins: &[String]) -> Self {
+        self.cors = Arc::new(origins.to_vec());
+        self
     }
 
     /// The address actually bound (the port, when 0 was asked for).
@@ -131,7 +144,11 @@ impl EmbeddedS3 {
                             continue;
                         }
                     };
-                    let service = WithPeer { inner: self.service.clone(), peer };
+                    let service = WithPeer {
+                        inner: self.service.clone(),
+                        peer,
+                        cors: self.cors.clone(),
+                    };
                     let conn = builder
                         .serve_connection(TokioIo::new(stream), service)
                         .into_owned();
@@ -159,11 +176,27 @@ impl EmbeddedS3 {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-/// Puts the peer address in the request's extensions, which `s3s` hands to the backend.
+/// Puts the peer address in the request's extensions, which `s3s` hands to the backend,
+/// and answers CORS for the allowed origins (s3s has no bucket CORS rules): a preflight
+/// is answered here, without a signature, and responses to an allowed origin carry
+/// `Access-Control-Allow-Origin` and expose the `ETag`.
 #[derive(Clone)]
 struct WithPeer {
     inner: S3Service,
     peer: SocketAddr,
+    cors: Arc<Vec<String>>,
+}
+
+impl WithPeer {
+    /// The request's `Origin`, when CORS allows it.
+    fn allowed_origin(&self, req: &hyper::Request<Incoming>) -> Option<HeaderValue> {
+        let origin = req.headers().get(header::ORIGIN)?;
+        let text = origin.to_str().ok()?;
+        self.cors
+            .iter()
+            .any(|o| o == "*" || o.eq_ignore_ascii_case(text))
+            .then(|| origin.clone())
+    }
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
@@ -173,7 +206,49 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
 
     fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(Peer(self.peer));
-        hyper::service::Service::call(&self.inner, req)
+        let Some(origin) = self.allowed_origin(&req) else {
+            return hyper::service::Service::call(&self.inner, req);
+        };
+        let preflight = req.method() == Method::OPTIONS
+            && req
+                .headers()
+                .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+        if preflight {
+            let requested = req
+                .headers()
+                .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+                .cloned();
+            return Box::pin(async move {
+                let mut resp = hyper::Response::new(s3s::Body::empty());
+                let h = resp.headers_mut();
+                h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                h.insert(
+                    header::ACCESS_CONTROL_ALLOW_METHODS,
+                    HeaderValue::from_static("GET, HEAD, PUT"),
+                );
+                if let Some(requested) = requested {
+                    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, requested);
+                }
+                h.insert(
+                    header::ACCESS_CONTROL_MAX_AGE,
+                    HeaderValue::from_static("600"),
+                );
+                h.insert(header::VARY, HeaderValue::from_static("Origin"));
+                Ok(resp)
+            });
+        }
+        let response = hyper::service::Service::call(&self.inner, req);
+        Box::pin(async move {
+            let mut resp = response.await?;
+            let h = resp.headers_mut();
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(
+                header::ACCESS_CONTROL_EXPOSE_HEADERS,
+                HeaderValue::from_static("ETag"),
+            );
+            h.append(header::VARY, HeaderValue::from_static("Origin"));
+            Ok(resp)
+        })
     }
 }
 

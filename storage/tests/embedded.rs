@@ -76,6 +76,12 @@ async fn send(http: &reqwest::Client, p: &Presigned, body: Vec<u8>) -> reqwest::
 }
 
 async fn spawn_s3() -> TestS3 {
+    spawn_s3_for(&[]).await
+}
+
+/// With CORS for these browser origins.
+async fn spawn_s3_for(origins: &[&str]) -> TestS3 {
+    let origins: Vec<String> = origins.iter().map(|o| (*o).to_owned()).collect();
     let dir = tempfile::tempdir().unwrap();
     let (access_key, secret_key) = credentials(dir.path()).unwrap();
     let sink = Arc::new(RecordingSink::default());
@@ -87,7 +93,8 @@ async fn spawn_s3() -> TestS3 {
         sink.clone(),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .allow_origins(&origins);
     let addr = server.local_addr();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(server.run_until(async move {
@@ -474,4 +481,87 @@ fn credentials_are_generated_once_and_kept_private() {
     }
     let other = tempfile::tempdir().unwrap();
     assert_ne!(credentials(other.path()).unwrap().0, access_a);
+}
+
+#[tokio::test]
+async fn a_browser_on_an_allowed_origin_can_upload_and_others_get_no_cors() {
+    let s3 = spawn_s3_for(&["http://localhost:3000"]).await;
+    let key = new_key();
+    let put = s3
+        .store
+        .presign_put(&key, "application/pdf", BODY.len() as u64)
+        .await
+        .unwrap();
+    let preflight = |origin: &'static str| {
+        s3.http
+            .request(reqwest::Method::OPTIONS, &put.url)
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "PUT")
+            .header(
+                "Access-Control-Request-Headers",
+                "content-type,if-none-match",
+            )
+            .send()
+    };
+    let r = preflight("http://localhost:3000").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://localhost:3000");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("PUT")
+    );
+    assert_eq!(
+        h["access-control-allow-headers"],
+        "content-type,if-none-match"
+    );
+    // Another origin: no CORS headers, so the browser refuses.
+    let r = preflight("http://evil.example").await.unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    // The upload itself, as the browser sends it.
+    let mut req = s3
+        .http
+        .put(&put.url)
+        .header("Origin", "http://localhost:3000");
+    for (name, value) in &put.headers {
+        if !name.eq_ignore_ascii_case("content-length") {
+            req = req.header(name, value);
+        }
+    }
+    let r = req.body(BODY.to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    assert_eq!(r.headers()["access-control-expose-headers"], "ETag");
+    assert_eq!(s3.events().len(), 1);
+    // The signature is still checked for a CORS request.
+    let mut tampered = s3
+        .store
+        .presign_put(&new_key(), "application/pdf", BODY.len() as u64)
+        .await
+        .unwrap();
+    let at = tampered.url.find("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
+    let flipped = if &tampered.url[at..=at] == "0" {
+        "1"
+    } else {
+        "0"
+    };
+    tampered.url.replace_range(at..=at, flipped);
+    let mut req = s3
+        .http
+        .put(&tampered.url)
+        .header("Origin", "http://localhost:3000");
+    for (name, value) in &tampered.headers {
+        if !name.eq_ignore_ascii_case("content-length") {
+            req = req.header(name, value);
+        }
+    }
+    let r = req.body(BODY.to_vec()).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(s3.events().len(), 1);
 }
