@@ -263,7 +263,8 @@ pub async fn run_worker(mut settings: Settings) -> Result<()> {
     {
         // Beside an embedded `karmic serve` (KARMIC_WORKER_IN_PROCESS=false): its S3
         // endpoint, with the keys it keeps in the data directory.
-        settings.s3_credentials = Some(storage::embedded::credentials(&settings.data_dir)?);
+        settings.s3_credentials =
+            Some(storage::embedded::existing_credentials(&settings.data_dir)?);
     }
     let rt = Runtime::build(settings).await?;
     let queue = job_queue(&rt).await?;

@@ -255,6 +255,9 @@ pub struct AiJob {
     pub attempt: u32,
     /// Attempts counted since the last redrive (the queue's receive count restarts).
     pub attempt_base: u32,
+    /// The highest attempt whose outcome (success or failure, applied or late) is recorded.
+    #[serde(default)]
+    pub last_outcome: u32,
     pub last_error: Option<String>,
 }
 
@@ -413,13 +416,19 @@ impl Aggregate for AiJob {
                 self.status = JobStatus::Running;
                 self.attempt = self.attempt.max(attempt);
             }
-            AiJobEvent::JobSucceeded { .. } => {
+            AiJobEvent::JobSucceeded { attempt, .. } => {
                 self.status = JobStatus::Succeeded;
                 self.last_error = None;
+                self.last_outcome = self.last_outcome.max(attempt);
             }
-            AiJobEvent::AttemptFailed { error, .. } => self.last_error = Some(error),
+            AiJobEvent::AttemptFailed { attempt, error, .. } => {
+                self.last_error = Some(error);
+                self.last_outcome = self.last_outcome.max(attempt);
+            }
             AiJobEvent::JobDeadLettered { .. } => self.status = JobStatus::DeadLettered,
-            AiJobEvent::LateOutcomeRecorded { .. } => {}
+            AiJobEvent::LateOutcomeRecorded { attempt, .. } => {
+                self.last_outcome = self.last_outcome.max(attempt);
+            }
             AiJobEvent::JobRedriven { .. } => {
                 self.status = JobStatus::Queued;
                 // The redriven message's receive count starts again at 1.

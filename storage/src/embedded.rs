@@ -3,9 +3,10 @@
 //!
 //! `s3s` speaks the S3 protocol and verifies SigV4 (headers and presigned query strings)
 //! against one access key; `s3s-fs` stores the objects under a directory. A thin wrapper
-//! adds what `s3s-fs` lacks: `If-Match` on GET, `If-None-Match: *` on PUT (S3's
-//! conditional write, which makes an upload URL write once), `response-content-disposition`,
-//! and an S3 event notification (as real S3 would send to SQS) after every successful PUT.
+//! adds what `s3s-fs` lacks: `If-Match` on GET, one conditional PUT per key at a time
+//! (S3's 409 ConditionalRequestConflict; `s3s-fs` checks `If-None-Match: *` but two PUTs
+//! can both pass its check), `response-content-disposition`, CORS, and an S3 event
+//! notification (as real S3 would send to SQS) after every successful PUT.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -207,7 +208,18 @@ impl hyper::service::Service<hyper::Request<Incoming>> for WithPeer {
     fn call(&self, mut req: hyper::Request<Incoming>) -> Self::Future {
         req.extensions_mut().insert(Peer(self.peer));
         let Some(origin) = self.allowed_origin(&req) else {
-            return hyper::service::Service::call(&self.inner, req);
+            if self.cors.is_empty() {
+                return hyper::service::Service::call(&self.inner, req);
+            }
+            // The answer depends on the Origin: say so, or a cache could hand a response
+            // without CORS headers to an allowed origin.
+            let response = hyper::service::Service::call(&self.inner, req);
+            return Box::pin(async move {
+                let mut resp = response.await?;
+                resp.headers_mut()
+                    .append(header::VARY, HeaderValue::from_static("Origin"));
+                Ok(resp)
+            });
         };
         let preflight = req.method() == Method::OPTIONS
             && req
@@ -283,11 +295,17 @@ impl Backend {
     /// Where `fs` keeps `bucket`/`key`; keys that would leave the bucket's directory are
     /// refused (s3s-fs refuses them too; this check is for the paths used here).
     fn object_path(&self, bucket: &str, key: &str) -> S3Result<PathBuf> {
-        let unsafe_part = |p: &str| p.is_empty() || p == "." || p == "..";
-        if unsafe_part(bucket) || bucket.contains('/') || key.split('/').any(|p| p == "..") {
+        // Plain segments only: no absolute key, no empty, `.` or `..` segment, so that one
+        // path has one spelling (the claim is per spelling) and stays in the bucket.
+        let plain = |p: &str| !(p.is_empty() || p == "." || p == ".." || p.contains('\\'));
+        if !plain(bucket) || bucket.contains('/') || !key.split('/').all(plain) {
             return Err(s3_error!(InvalidArgument, "invalid bucket or key"));
         }
-        Ok(self.root.join(bucket).join(key))
+        let path = self.root.join(bucket).join(key);
+        if !path.starts_with(self.root.join(bucket)) {
+            return Err(s3_error!(InvalidArgument, "invalid key"));
+        }
+        Ok(path)
     }
 
     fn claim(&self, bucket: &str, key: &str) -> S3Result<Claim<'_>> {
@@ -401,7 +419,8 @@ impl S3 for Backend {
         let bucket = req.input.bucket.clone();
         let key = req.input.key.clone();
         let path = self.object_path(&bucket, &key)?;
-        // s3s-fs ignores If-None-Match; `*` is S3's "only if there is no such object".
+        // `If-None-Match: *` is S3's "only if there is no such object". s3s-fs checks it,
+        // but two PUTs at once can both pass that check: one at a time per key here.
         let _claim = match &req.input.if_none_match {
             None => None,
             Some(ETagCondition::Any) => {
@@ -433,7 +452,18 @@ impl S3 for Backend {
                 count: Arc::clone(&size),
             }));
         }
-        let resp = self.fs.put_object(req).await?;
+        let resp = match self.fs.put_object(req).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                // s3s-fs moves the file into place before it checks Content-MD5 and
+                // checksums: a conditional PUT that fails must not leave an object that
+                // every retry would then find in its way (412) with no notification.
+                if _claim.is_some() {
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+                return Err(e);
+            }
+        };
         let Some(etag) = resp.output.e_tag.as_ref().map(|t| t.value().to_owned()) else {
             // A "directory" object (key ending in '/'): nothing was stored.
             return Ok(resp);
@@ -627,6 +657,20 @@ const CREDENTIALS_FILE: &str = "s3-credentials";
 struct StoredCredentials {
     access_key_id: String,
     secret_access_key: String,
+}
+
+/// The keys of an embedded endpoint that already exists (`karmic worker` beside an
+/// embedded `karmic serve`): an error, not new keys, when there are none, since new keys
+/// would only be refused by the running endpoint.
+pub fn existing_credentials(data_dir: &Path) -> anyhow::Result<(String, SecretString)> {
+    let path = data_dir.join(CREDENTIALS_FILE);
+    if !path.exists() {
+        bail!(
+            "{} does not exist: run `karmic serve` with this KARMIC_DATA_DIR first (it creates the embedded S3 endpoint and its keys), or set KARMIC_S3_ENDPOINT",
+            path.display()
+        );
+    }
+    credentials(data_dir)
 }
 
 /// Keys for the embedded endpoint, generated on first start and kept in

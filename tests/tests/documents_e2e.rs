@@ -809,16 +809,40 @@ async fn a_second_delivery_of_a_running_attempt_waits_for_its_outcome_instead_of
     let run = tokio::spawn(worker.run(async {
         let _ = rx.await;
     }));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The worker takes the second delivery...
+    let started = Instant::now();
+    while received(&sys).await < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never received"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and keeps it while the attempt runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(
         queue_depth(&sys).await,
         2,
         "the second delivery went while its attempt was running"
     );
-    // The attempt ends: now the second delivery goes.
-    docs.job_failed(job, 1, "given up", false, &meta)
+    // The attempt fails, retryably: the job is not finished, and the second delivery
+    // does not wait out a visibility timeout for it but comes back as attempt 2, which
+    // completes the job.
+    docs.job_failed(job, 1, "the other worker lost its disk", true, &meta)
         .await
         .unwrap();
+    let doc = me.wait_for(&id, Duration::from_secs(20), finished).await;
+    assert_eq!(job_status(&doc), "succeeded", "{doc}");
+    assert_eq!(
+        sys.job_events(&job.to_string()).await,
+        [
+            "JobRequested",
+            "JobStarted",
+            "AttemptFailed",
+            "JobStarted",
+            "JobSucceeded"
+        ]
+    );
     let started = Instant::now();
     while queue_depth(&sys).await > 1 {
         assert!(
@@ -829,6 +853,25 @@ async fn a_second_delivery_of_a_running_attempt_waits_for_its_outcome_instead_of
     }
     let _ = tx.send(());
     run.await.unwrap().unwrap();
+    // The first delivery, still held: the job's outcome is stored, so it goes.
     assert!(queue.delete(&held.receipt).await.unwrap());
     sys.stop().await;
+}
+
+/// Messages of the documents queue that have been received at least once.
+async fn received(sys: &Sys) -> i64 {
+    let commands::Database::Sqlite(pool) = handlers::Runtime::build(sys.settings.clone())
+        .await
+        .unwrap()
+        .state
+        .db
+    else {
+        panic!("embedded only");
+    };
+    sqlx::query_scalar(
+        "SELECT count(*) FROM queue_messages WHERE queue = 'documents' AND receive_count > 0",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap()
 }

@@ -24,8 +24,10 @@ pub struct Received {
     /// Deletes the message or changes its visibility, until the next receive of it.
     pub receipt: String,
     /// How many times it has been received, this time included (SQS's
-    /// `ApproximateReceiveCount`).
+    /// `ApproximateReceiveCount`), less the receives given back.
     pub receive_count: u32,
+    /// How many times it has been given back ([`JobQueue::give_back`]).
+    pub given_back: u32,
 }
 
 /// A queue with SQS's semantics (see the module documentation).
@@ -219,7 +221,7 @@ impl SqliteQueue {
               WHERE id IN (SELECT id FROM queue_messages
                             WHERE queue = ?1 AND visible_at <= ?2 AND receive_count < ?5
                             ORDER BY visible_at, sent_at LIMIT ?4)
-             RETURNING id, body, receipt, receive_count, sent_at",
+             RETURNING id, body, receipt, receive_count, given_back, sent_at",
         )
         .bind(&self.name)
         .bind(now)
@@ -232,6 +234,7 @@ impl SqliteQueue {
         let mut out: Vec<(i64, Received)> = Vec::with_capacity(rows.len());
         for row in rows {
             let count: i64 = row.try_get("receive_count")?;
+            let given_back: i64 = row.try_get("given_back")?;
             out.push((
                 row.try_get("sent_at")?,
                 Received {
@@ -239,6 +242,7 @@ impl SqliteQueue {
                     body: row.try_get("body")?,
                     receipt: row.try_get("receipt")?,
                     receive_count: u32::try_from(count).unwrap_or(u32::MAX),
+                    given_back: u32::try_from(given_back).unwrap_or(u32::MAX),
                 },
             ));
         }
@@ -281,7 +285,8 @@ impl JobQueue for SqliteQueue {
     async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
         let n = sqlx::query(
             "UPDATE queue_messages
-                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL
+                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL,
+                    given_back = given_back + 1
               WHERE receipt = ?1",
         )
         .bind(&message.receipt)

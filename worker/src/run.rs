@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -70,6 +71,12 @@ pub fn default_worker_id() -> String {
         .unwrap_or_else(|_| "worker".to_owned());
     format!("{host}:{}", std::process::id())
 }
+
+/// How often a message is given back (an infrastructure failure before any attempt)
+/// before its receives are spent after all: with the delays of
+/// [`Worker::give_back_after`], an outage of about 50 minutes costs no attempt; a failure
+/// that lasts longer is treated as one that retrying will not cure.
+pub const MAX_GIVE_BACKS: u32 = 10;
 
 /// What happens to a message once it has been handled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -176,21 +183,17 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
         }
         info!(in_flight = tasks.len(), "worker stopping: no more receives");
-        // A receive cut short gives its messages back; wait for that (a long poll ends
-        // within its wait).
-        if tokio::time::timeout(
-            self.settings.wait + Duration::from_secs(10),
-            self.queue.close(),
-        )
-        .await
-        .is_err()
-        {
+        // In-flight jobs get the grace period to finish; meanwhile a receive cut short
+        // gives its messages back (an SQS long poll cannot be cut: it ends within its
+        // wait). One deadline for both, so that shutdown stays within the grace period.
+        let grace = self.settings.shutdown_grace;
+        let (closed, drained) = tokio::join!(
+            tokio::time::timeout(grace, self.queue.close()),
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }),
+        );
+        if closed.is_err() {
             warn!("a receive cut short did not finish giving its messages back");
         }
-        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
-            while tasks.join_next().await.is_some() {}
-        })
-        .await;
         if drained.is_err() {
             warn!(
                 in_flight = tasks.len(),
@@ -229,8 +232,9 @@ impl Worker {
                 .in_current_span(),
             )
         });
+        let attempted = AtomicBool::new(false);
         let disposal = tokio::select! {
-            d = self.handle(&message) => Some(d),
+            d = self.handle(&message, &attempted) => Some(d),
             _ = release.wait_for(|r| *r) => None,
         };
         // The heartbeat stops before the message is let go of.
@@ -243,11 +247,18 @@ impl Worker {
                 self.queue.change_visibility(&message.receipt, after).await
             }
             Some(Disposal::GiveBack(after)) => self.queue.give_back(&message, after).await,
-            None => {
+            // Released at shutdown: an attempt it started is spent; a receive that
+            // started none (still fetching, or waiting on a duplicate) is given back,
+            // so that scale-ins cannot walk a message into the dead-letter queue.
+            None if attempted.load(Ordering::SeqCst) => {
                 info!("released at shutdown");
                 self.queue
                     .change_visibility(&message.receipt, Duration::ZERO)
                     .await
+            }
+            None => {
+                info!("released at shutdown before any attempt; given back");
+                self.queue.give_back(&message, Duration::ZERO).await
             }
         };
         match result {
@@ -263,7 +274,7 @@ impl Worker {
     }
 
     /// Handle one message and say what to do with it.
-    async fn handle(&self, message: &Received) -> Disposal {
+    async fn handle(&self, message: &Received, attempted: &AtomicBool) -> Disposal {
         let objects = match notification::parse(&message.body) {
             Ok(Notification::Test) => {
                 info!("storage test event");
@@ -279,11 +290,20 @@ impl Worker {
         // when all are done.
         let mut disposal = Disposal::Delete;
         for object in &objects {
-            let d = match self.object_created(object, message.receive_count).await {
+            let d = match self
+                .object_created(object, message.receive_count, attempted)
+                .await
+            {
                 Ok(d) => d,
+                Err(e) if message.given_back < MAX_GIVE_BACKS => {
+                    warn!(error = %format!("{e:#}"), key = %object.key, given_back = message.given_back, "infrastructure failure before any attempt; giving the message back");
+                    Disposal::GiveBack(self.give_back_after(message.given_back))
+                }
                 Err(e) => {
-                    warn!(error = %format!("{e:#}"), key = %object.key, "infrastructure failure before any attempt; giving the message back");
-                    Disposal::GiveBack(self.retry_after(message.receive_count))
+                    // Failing this long is no outage: count the receive like an attempt,
+                    // so that the queue's limit ends it.
+                    tracing::error!(error = %format!("{e:#}"), key = %object.key, given_back = message.given_back, "still failing after {MAX_GIVE_BACKS} give-backs; spending the receive");
+                    Disposal::Retry(self.retry_after(message.receive_count))
                 }
             };
             disposal = disposal.max(d);
@@ -291,12 +311,23 @@ impl Worker {
         disposal
     }
 
+    /// The delay of the `n`th give-back (from 0): the retry delay doubled each time, up to
+    /// SQS's longest delay (15 min). The first ten cover about 50 minutes at the default.
+    fn give_back_after(&self, n: u32) -> Duration {
+        (self.settings.retry_delay * 2u32.pow(n.min(8))).min(Duration::from_secs(900))
+    }
+
     fn retry_after(&self, receive_count: u32) -> Duration {
         let doublings = receive_count.saturating_sub(1).min(6);
         (self.settings.retry_delay * 2u32.pow(doublings)).min(Duration::from_secs(300))
     }
 
-    async fn object_created(&self, object: &ObjectCreated, receive_count: u32) -> Result<Disposal> {
+    async fn object_created(
+        &self,
+        object: &ObjectCreated,
+        receive_count: u32,
+        attempted: &AtomicBool,
+    ) -> Result<Disposal> {
         if let Some(bucket) = &object.bucket
             && bucket != self.objects.bucket()
         {
@@ -352,7 +383,10 @@ impl Worker {
         };
         match confirmation {
             Confirmation::Job(job) => match bytes {
-                Some(bytes) => self.run_job(job, receive_count, bytes, &meta).await,
+                Some(bytes) => {
+                    self.run_job(job, receive_count, bytes, &meta, attempted)
+                        .await
+                }
                 None => Ok(Disposal::Delete),
             },
             Confirmation::Rejected(reason) => {
@@ -380,6 +414,7 @@ impl Worker {
         receive_count: u32,
         bytes: Vec<u8>,
         meta: &CommandMeta,
+        attempted: &AtomicBool,
     ) -> Result<Disposal> {
         tracing::Span::current().record("job_id", tracing::field::display(job));
         let started = match self
@@ -402,7 +437,7 @@ impl Worker {
                 // very message (SQS delivers at least once), and deleting ours would
                 // delete the message under it: wait for the outcome instead.
                 info!("a duplicate delivery of a running attempt: waiting for its outcome");
-                return self.await_outcome(job).await;
+                return self.await_outcome(job, receive_count).await;
             }
             Err(CommandError::Rejected(e)) => {
                 warn!(error = %e, "the job cannot start");
@@ -410,6 +445,7 @@ impl Worker {
             }
             Err(e) => return Err(anyhow::Error::new(e).context("starting the job")),
         };
+        attempted.store(true, Ordering::SeqCst);
         // From here on the attempt counts: a failure to store its outcome spends the
         // receive (the next one is a new attempt) rather than giving it back.
         match self
@@ -431,25 +467,37 @@ impl Worker {
         }
     }
 
-    /// A duplicate delivery waits (heartbeat running) until the job it duplicates has
-    /// an outcome, then goes; if none comes within a visibility timeout, the delivery
-    /// that ran it is presumed dead and this one comes back as the next attempt.
-    async fn await_outcome(&self, job: JobId) -> Result<Disposal> {
+    /// A duplicate delivery waits (heartbeat running) until the attempt it duplicates
+    /// has an outcome. Finished job: it goes. Attempt failed (or a later one began): it
+    /// comes back after the retry delay, as a later attempt if one is due (not deleted:
+    /// it may be the very message the attempt held). No outcome within a visibility
+    /// timeout: the delivery that ran the attempt is presumed dead, and this one comes
+    /// back at once as the next attempt.
+    async fn await_outcome(&self, job: JobId, receive_count: u32) -> Result<Disposal> {
         let began = std::time::Instant::now();
+        let mut duplicated = None;
         loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let status = self.documents.job(job).await?.state.status;
-            if matches!(status, JobStatus::Succeeded | JobStatus::DeadLettered) {
-                info!(
-                    ?status,
-                    "the duplicated attempt has finished; dropping this copy"
-                );
+            let state = self.documents.job(job).await?.state;
+            let attempt = *duplicated.get_or_insert(state.attempt_base + receive_count);
+            if matches!(state.status, JobStatus::Succeeded | JobStatus::DeadLettered) {
+                info!(status = ?state.status, "the duplicated attempt has finished; dropping this copy");
                 return Ok(Disposal::Delete);
             }
+            if state.last_outcome >= attempt || state.attempt > attempt {
+                info!(
+                    attempt,
+                    "the duplicated attempt has ended without finishing the job"
+                );
+                return Ok(Disposal::Retry(self.retry_after(receive_count)));
+            }
             if began.elapsed() >= self.settings.visibility {
-                warn!("no outcome from the duplicated attempt; this copy becomes the next");
+                warn!(
+                    attempt,
+                    "no outcome from the duplicated attempt; this copy becomes the next"
+                );
                 return Ok(Disposal::Retry(Duration::ZERO));
             }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 

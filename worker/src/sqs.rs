@@ -40,6 +40,9 @@ pub struct SqsSettings {
 /// receives its original had already spent; a receive reports SQS's own count plus it.
 pub const RECEIVES_BEFORE: &str = "KarmicReceivesBefore";
 
+/// The message attribute that counts how often a message was given back.
+pub const GIVEN_BACK: &str = "KarmicGivenBack";
+
 /// SQS delays a message by at most 15 minutes.
 const MAX_DELAY: Duration = Duration::from_secs(900);
 
@@ -147,6 +150,7 @@ impl SqsQueue {
             .visibility_timeout(secs(visibility))
             .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
             .message_attribute_names(RECEIVES_BEFORE)
+            .message_attribute_names(GIVEN_BACK)
             .send()
             .await
             .context("receiving from SQS")?;
@@ -159,17 +163,21 @@ impl SqsQueue {
                     .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(1);
-                let before: u32 = m
-                    .message_attributes()
-                    .and_then(|a| a.get(RECEIVES_BEFORE))
-                    .and_then(|v| v.string_value())
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0);
+                let attribute = |name: &str| -> u32 {
+                    m.message_attributes()
+                        .and_then(|a| a.get(name))
+                        .and_then(|v| v.string_value())
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                let before = attribute(RECEIVES_BEFORE);
+                let given_back = attribute(GIVEN_BACK);
                 Some(Received {
                     id: m.message_id()?.to_owned(),
                     body: m.body().unwrap_or_default().to_owned(),
                     receipt: m.receipt_handle()?.to_owned(),
                     receive_count: before.saturating_add(count),
+                    given_back,
                 })
             })
             .collect())
@@ -308,19 +316,20 @@ impl JobQueue for SqsQueue {
     /// idempotent), never lost.
     async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
         let before = message.receive_count.saturating_sub(1);
+        let number = |n: u32| {
+            MessageAttributeValue::builder()
+                .data_type("Number")
+                .string_value(n.to_string())
+                .build()
+                .context("building a message attribute")
+        };
         self.client
             .send_message()
             .queue_url(&self.queue_url)
             .message_body(&message.body)
             .delay_seconds(secs(delay.min(MAX_DELAY)))
-            .message_attributes(
-                RECEIVES_BEFORE,
-                MessageAttributeValue::builder()
-                    .data_type("Number")
-                    .string_value(before.to_string())
-                    .build()
-                    .context("building the message attribute")?,
-            )
+            .message_attributes(RECEIVES_BEFORE, number(before)?)
+            .message_attributes(GIVEN_BACK, number(message.given_back.saturating_add(1))?)
             .send()
             .await
             .context("giving a message back: sending its copy")?;

@@ -346,11 +346,12 @@ async fn given_back(f: &dyn Fixture) {
     // Far more receives than the queue allows (2), each given back: an outage that
     // keeps failing before any work never walks the message to the dead-letter queue.
     let mut last = None;
-    for _ in 0..4 {
+    for n in 0..4 {
         let m = q.receive(1, t * 3, t * 30).await.unwrap();
         assert_eq!(m.len(), 1, "the message must come back");
         assert_eq!(m[0].body, "outage");
         assert_eq!(m[0].receive_count, 1, "a given-back receive is not spent");
+        assert_eq!(m[0].given_back, n, "give-backs are counted");
         assert!(q.give_back(&m[0], NOW).await.unwrap());
         last = Some(m[0].clone());
     }
@@ -363,15 +364,16 @@ async fn given_back(f: &dyn Fixture) {
     assert!(q.dead_letters().await.unwrap().is_empty());
     // Given back with a delay: hidden until it is over.
     let m = q.receive(1, t * 3, t * 30).await.unwrap();
-    assert!(q.give_back(&m[0], t * 2).await.unwrap());
+    assert!(q.give_back(&m[0], t * 10).await.unwrap());
     assert!(
         q.receive(1, NOW, t * 30).await.unwrap().is_empty(),
         "hidden for the delay"
     );
-    tokio::time::sleep(t * 3).await;
-    let m = q.receive(1, t * 3, t * 30).await.unwrap();
+    tokio::time::sleep(t * 10).await;
+    let m = q.receive(1, t * 5, t * 30).await.unwrap();
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].receive_count, 1);
+    assert_eq!(m[0].given_back, 5);
 }
 
 async fn dropped_receive(f: &dyn Fixture) {

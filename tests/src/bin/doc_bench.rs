@@ -302,6 +302,9 @@ async fn main() {
     };
     let mut e2e = Vec::new();
     let mut alone = Vec::new();
+    // (document id, wall clock at the end of the PUT, wall clock when seen), for the
+    // stage breakdown from the events' own timestamps.
+    let mut walls = Vec::new();
     for (i, (name, ct, bytes)) in files
         .iter()
         .enumerate()
@@ -318,6 +321,7 @@ async fn main() {
         alone.push(t.elapsed().as_secs_f64() * 1000.0);
         let id = api.upload(name, ct, bytes.clone()).await;
         let put_done = Instant::now();
+        let put_wall = chrono::Utc::now();
         loop {
             if status(&api, &id).await == "succeeded" {
                 break;
@@ -325,6 +329,7 @@ async fn main() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         e2e.push(put_done.elapsed().as_secs_f64() * 1000.0);
+        walls.push((id, put_wall, chrono::Utc::now()));
     }
     e2e.sort_by(f64::total_cmp);
     alone.sort_by(f64::total_cmp);
@@ -343,6 +348,7 @@ async fn main() {
     );
     let _ = wstop_tx.send(());
     wtask.await.unwrap().unwrap();
+    stages(&api, &rt, &walls).await;
     println!(
         "memory: this process (API + worker + embedded S3 + projector) peak RSS {} MB",
         status_kb("VmHWM:") / 1024
@@ -368,4 +374,72 @@ async fn main() {
 
 async fn w_queue(rt: &handlers::Runtime) -> Arc<dyn worker::queue::JobQueue> {
     cli::system::job_queue(rt).await.unwrap()
+}
+
+/// Where the upload-to-visible time goes, from the events' `recorded_at` (SQLite's clock,
+/// the same host): the PUT's end → `UploadConfirmed` (queue pickup, HEAD, GET, sniffing,
+/// the commit) → `JobStarted` (the job's request and start commits) → `JobSucceeded` (the
+/// isolated analysis) → seen through the API (the projection, and this 5 ms poll).
+async fn stages(
+    api: &DocClient,
+    rt: &handlers::Runtime,
+    walls: &[(
+        String,
+        chrono::DateTime<chrono::Utc>,
+        chrono::DateTime<chrono::Utc>,
+    )],
+) {
+    let commands::Database::Sqlite(pool) = &rt.state.db else {
+        return;
+    };
+    let at = |t: &str| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .unwrap()
+            .with_timezone(&chrono::Utc)
+    };
+    let ms = |a: chrono::DateTime<chrono::Utc>, b: chrono::DateTime<chrono::Utc>| {
+        (b - a).num_microseconds().unwrap_or(0) as f64 / 1000.0
+    };
+    let mut cols: [Vec<f64>; 4] = Default::default();
+    for (id, put, seen) in walls {
+        let doc: Value = api.document(id).await.json().await.unwrap();
+        let job = doc["job"]["job_id"].as_str().unwrap().to_owned();
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT event_type, recorded_at FROM events WHERE aggregate_id IN (?1, ?2)",
+        )
+        .bind(id)
+        .bind(&job)
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        let when = |ty: &str| {
+            rows.iter()
+                .find(|(t, _)| t == ty)
+                .map(|(_, r)| at(r))
+                .unwrap()
+        };
+        let (confirmed, started, succeeded) = (
+            when("UploadConfirmed"),
+            when("JobStarted"),
+            when("JobSucceeded"),
+        );
+        cols[0].push(ms(*put, confirmed));
+        cols[1].push(ms(confirmed, started));
+        cols[2].push(ms(started, succeeded));
+        cols[3].push(ms(succeeded, *seen));
+    }
+    for c in &mut cols {
+        c.sort_by(f64::total_cmp);
+    }
+    println!(
+        "stages (p50 / p99 ms): PUT end → confirmed {:.0} / {:.0}; → job started {:.0} / {:.0}; → analysed {:.0} / {:.0}; → visible {:.0} / {:.0}",
+        percentile(&cols[0], 0.5),
+        percentile(&cols[0], 0.99),
+        percentile(&cols[1], 0.5),
+        percentile(&cols[1], 0.99),
+        percentile(&cols[2], 0.5),
+        percentile(&cols[2], 0.99),
+        percentile(&cols[3], 0.5),
+        percentile(&cols[3], 0.99),
+    );
 }
