@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use sqlx::{Row, SqlitePool};
-use tokio::sync::{OwnedRwLockReadGuard, RwLock, oneshot};
+use tokio::sync::{Notify, OwnedRwLockReadGuard, RwLock, oneshot};
 use uuid::Uuid;
 
 /// A message as one receive hands it out.
@@ -144,6 +144,10 @@ pub struct SqliteQueue {
     max_receives: u32,
     /// Held (shared) by each receive in flight; [`JobQueue::close`] takes it exclusively.
     receiving: Arc<RwLock<()>>,
+    /// Wakes this handle's long polls when it sends (one process: the embedded S3
+    /// endpoint and the worker of `karmic serve` share a handle); other processes' sends
+    /// are found by the poll every 50 ms.
+    arrived: Arc<Notify>,
 }
 
 fn now_ms() -> i64 {
@@ -170,6 +174,7 @@ impl SqliteQueue {
             dead_letter_name: format!("{name}-dlq"),
             max_receives: max_receives.max(1),
             receiving: Arc::new(RwLock::new(())),
+            arrived: Arc::new(Notify::new()),
         }
     }
 
@@ -187,12 +192,19 @@ impl SqliteQueue {
             if abandoned.load(Ordering::SeqCst) {
                 return Ok(vec![]);
             }
+            // Listening before looking, so that a send in between is not missed.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
             let got = self.receive_now(max.clamp(1, 10), visibility).await?;
             if !got.is_empty() || Instant::now() >= deadline {
                 return Ok(got);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+            tokio::select! {
+                () = arrived => {}
+                () = tokio::time::sleep(left.min(Duration::from_millis(50))) => {}
+            }
         }
     }
 
@@ -267,6 +279,7 @@ impl JobQueue for SqliteQueue {
         .execute(&self.pool)
         .await
         .context("sending to the embedded queue")?;
+        self.arrived.notify_waiters();
         Ok(id)
     }
 

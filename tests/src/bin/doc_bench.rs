@@ -247,7 +247,7 @@ async fn main() {
 
     // The worker, timed from its start until every job has succeeded.
     let rt = handlers::Runtime::build(settings.clone()).await.unwrap();
-    let w = cli::system::worker(&rt, queue).unwrap();
+    let w = cli::system::worker(&rt, queue.clone()).unwrap();
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
     let wtask = tokio::spawn(w.run(async {
@@ -275,7 +275,9 @@ async fn main() {
     wtask.await.unwrap().unwrap();
 
     // Latency, one upload at a time, with the worker in-process as `karmic serve` runs it.
-    let w = cli::system::worker(&rt, w_queue(&rt).await).unwrap();
+    // The system's own queue handle, which the embedded S3 endpoint sends to (as in
+    // `karmic serve`: its sends wake the worker's poll).
+    let w = cli::system::worker(&rt, queue.clone()).unwrap();
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
     let wtask = tokio::spawn(w.run(async {
         let _ = wstop_rx.await;
@@ -370,10 +372,6 @@ async fn main() {
     }
     let _ = stop_tx.send(());
     sys_task.await.unwrap().unwrap();
-}
-
-async fn w_queue(rt: &handlers::Runtime) -> Arc<dyn worker::queue::JobQueue> {
-    cli::system::job_queue(rt).await.unwrap()
 }
 
 /// Where the upload-to-visible time goes, from the events' `recorded_at` (SQLite's clock,
