@@ -456,9 +456,11 @@ impl S3 for Backend {
             Ok(resp) => resp,
             Err(e) => {
                 // s3s-fs moves the file into place before it checks Content-MD5 and
-                // checksums: a conditional PUT that fails must not leave an object that
-                // every retry would then find in its way (412) with no notification.
-                if _claim.is_some() {
+                // checksums: a conditional PUT that fails there must not leave an object
+                // that every retry would then find in its way (412) with no notification.
+                // Its own precondition check fails before writing, and then the object
+                // there is someone else's.
+                if _claim.is_some() && *e.code() != S3ErrorCode::PreconditionFailed {
                     let _ = tokio::fs::remove_file(&path).await;
                 }
                 return Err(e);

@@ -683,6 +683,9 @@ impl JobQueue for CountingQueue {
     ) -> anyhow::Result<bool> {
         self.inner.give_back(m, delay).await
     }
+    async fn release(&self, m: &worker::queue::Received) -> anyhow::Result<bool> {
+        self.inner.release(m).await
+    }
     async fn close(&self) {
         self.inner.close().await
     }

@@ -38,7 +38,7 @@ pub trait JobQueue: Send + Sync {
     /// for `visibility`.
     ///
     /// Cancel-safe: if the returned future is dropped (a worker shutting down mid-poll),
-    /// whatever the receive took is given back ([`JobQueue::give_back`]) instead of
+    /// whatever the receive took is released ([`JobQueue::release`]) instead of
     /// staying hidden for `visibility`; [`JobQueue::close`] waits until that is done.
     async fn receive(
         &self,
@@ -51,6 +51,10 @@ pub trait JobQueue: Send + Sync {
     /// bucket was unreachable), so that an outage never walks a message into the
     /// dead-letter queue behind the job's back. `false`: the receipt is stale.
     async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool>;
+    /// Make the message visible now as if this receive had not happened, without counting
+    /// a give-back: nothing failed (a receive cut short, a worker stopping before it
+    /// started any attempt). `false`: the receipt is stale.
+    async fn release(&self, message: &Received) -> Result<bool>;
     /// Wait until receives whose callers went away have given their messages back.
     async fn close(&self);
     /// Hide the message for `visibility` from now (a heartbeat). `false`: the receipt is
@@ -88,7 +92,7 @@ impl<Q: JobQueue + Clone + 'static> Drop for Pending<Q> {
             let queue = self.queue.clone();
             rt.spawn(async move {
                 for m in &messages {
-                    let _ = queue.give_back(m, Duration::ZERO).await;
+                    let _ = queue.release(m).await;
                 }
                 drop(guard);
             });
@@ -118,7 +122,7 @@ where
         let got = poll(q.clone(), flag).await;
         if let Err((Ok(messages), guard)) = tx.send((got, guard)) {
             for m in &messages {
-                let _ = q.give_back(m, Duration::ZERO).await;
+                let _ = q.release(m).await;
             }
             drop(guard);
         }
@@ -176,6 +180,25 @@ impl SqliteQueue {
             receiving: Arc::new(RwLock::new(())),
             arrived: Arc::new(Notify::new()),
         }
+    }
+
+    /// The receive undone: visible after `delay`, its receive count unspent, a give-back
+    /// counted if `counted`.
+    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE queue_messages
+                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL,
+                    given_back = given_back + ?3
+              WHERE receipt = ?1",
+        )
+        .bind(&message.receipt)
+        .bind(now_ms().saturating_add(ms(delay)))
+        .bind(i64::from(counted))
+        .execute(&self.pool)
+        .await
+        .context("putting a message back")?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     /// The long poll: one attempt every 50 ms until a message comes, `wait` is over or
@@ -296,19 +319,11 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE queue_messages
-                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL,
-                    given_back = given_back + 1
-              WHERE receipt = ?1",
-        )
-        .bind(&message.receipt)
-        .bind(now_ms().saturating_add(ms(delay)))
-        .execute(&self.pool)
-        .await
-        .context("giving a message back")?
-        .rows_affected();
-        Ok(n == 1)
+        self.put_back(message, delay, true).await
+    }
+
+    async fn release(&self, message: &Received) -> Result<bool> {
+        self.put_back(message, Duration::ZERO, false).await
     }
 
     async fn close(&self) {

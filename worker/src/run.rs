@@ -183,12 +183,14 @@ impl Worker {
             while tasks.try_join_next().is_some() {}
         }
         info!(in_flight = tasks.len(), "worker stopping: no more receives");
-        // In-flight jobs get the grace period to finish; meanwhile a receive cut short
-        // gives its messages back (an SQS long poll cannot be cut: it ends within its
-        // wait). One deadline for both, so that shutdown stays within the grace period.
+        // In-flight jobs get the grace period to finish; meanwhile, side by side, a
+        // receive cut short gives its messages back. An SQS long poll cannot be cut: it
+        // ends within its wait, and what it brings must be given back before the process
+        // ends, so that part may outlast a grace period shorter than the wait.
         let grace = self.settings.shutdown_grace;
+        let polls = grace.max(self.settings.wait + Duration::from_secs(10));
         let (closed, drained) = tokio::join!(
-            tokio::time::timeout(grace, self.queue.close()),
+            tokio::time::timeout(polls, self.queue.close()),
             tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }),
         );
         if closed.is_err() {
@@ -248,8 +250,8 @@ impl Worker {
             }
             Some(Disposal::GiveBack(after)) => self.queue.give_back(&message, after).await,
             // Released at shutdown: an attempt it started is spent; a receive that
-            // started none (still fetching, or waiting on a duplicate) is given back,
-            // so that scale-ins cannot walk a message into the dead-letter queue.
+            // started none (still fetching, or waiting on a duplicate) is released
+            // unspent, so that scale-ins cannot walk a message into the dead-letter queue.
             None if attempted.load(Ordering::SeqCst) => {
                 info!("released at shutdown");
                 self.queue
@@ -257,8 +259,8 @@ impl Worker {
                     .await
             }
             None => {
-                info!("released at shutdown before any attempt; given back");
-                self.queue.give_back(&message, Duration::ZERO).await
+                info!("released at shutdown before any attempt; its receive unspent");
+                self.queue.release(&message).await
             }
         };
         match result {

@@ -134,6 +134,35 @@ impl SqsQueue {
         })
     }
 
+    /// The receive undone: a copy, visible after `delay`, that carries the receives spent
+    /// before this one (and the give-backs, one more if `counted`), then the delete. If
+    /// the delete fails after the send, the message is delivered twice (the consumers are
+    /// idempotent), never lost.
+    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
+        let before = message.receive_count.saturating_sub(1);
+        let number = |n: u32| {
+            MessageAttributeValue::builder()
+                .data_type("Number")
+                .string_value(n.to_string())
+                .build()
+                .context("building a message attribute")
+        };
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(&message.body)
+            .delay_seconds(secs(delay.min(MAX_DELAY)))
+            .message_attributes(RECEIVES_BEFORE, number(before)?)
+            .message_attributes(
+                GIVEN_BACK,
+                number(message.given_back.saturating_add(u32::from(counted)))?,
+            )
+            .send()
+            .await
+            .context("putting a message back: sending its copy")?;
+        self.delete(&message.receipt).await
+    }
+
     /// One ReceiveMessage call.
     async fn receive_once(
         &self,
@@ -311,29 +340,12 @@ impl JobQueue for SqsQueue {
         .await
     }
 
-    /// A copy that carries the receives spent before this one, then the delete. If the
-    /// delete fails after the send, the message is delivered twice (the consumers are
-    /// idempotent), never lost.
     async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
-        let before = message.receive_count.saturating_sub(1);
-        let number = |n: u32| {
-            MessageAttributeValue::builder()
-                .data_type("Number")
-                .string_value(n.to_string())
-                .build()
-                .context("building a message attribute")
-        };
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(&message.body)
-            .delay_seconds(secs(delay.min(MAX_DELAY)))
-            .message_attributes(RECEIVES_BEFORE, number(before)?)
-            .message_attributes(GIVEN_BACK, number(message.given_back.saturating_add(1))?)
-            .send()
-            .await
-            .context("giving a message back: sending its copy")?;
-        self.delete(&message.receipt).await
+        self.put_back(message, delay, true).await
+    }
+
+    async fn release(&self, message: &Received) -> Result<bool> {
+        self.put_back(message, Duration::ZERO, false).await
     }
 
     async fn close(&self) {

@@ -362,8 +362,12 @@ async fn given_back(f: &dyn Fixture) {
         );
     }
     assert!(q.dead_letters().await.unwrap().is_empty());
-    // Given back with a delay: hidden until it is over.
+    // Released (nothing failed): back at once, neither receive nor give-back counted.
     let m = q.receive(1, t * 3, t * 30).await.unwrap();
+    assert!(q.release(&m[0]).await.unwrap());
+    let m = q.receive(1, t * 3, t * 30).await.unwrap();
+    assert_eq!((m[0].receive_count, m[0].given_back), (1, 4));
+    // Given back with a delay: hidden until it is over.
     assert!(q.give_back(&m[0], t * 10).await.unwrap());
     assert!(
         q.receive(1, NOW, t * 30).await.unwrap().is_empty(),
@@ -391,7 +395,7 @@ async fn dropped_receive(f: &dyn Fixture) {
             // Finished in time: handed over, so ours to give back.
             Ok(got) => {
                 for m in got.unwrap() {
-                    assert!(q.give_back(&m, NOW).await.unwrap());
+                    assert!(q.release(&m).await.unwrap());
                 }
             }
             // Cut short (always at 0 ms): the receive must give back what it took.
@@ -404,6 +408,10 @@ async fn dropped_receive(f: &dyn Fixture) {
             .unwrap();
         assert_eq!(m.len(), 1, "cut after {cut} ms: the message was stranded");
         assert_eq!(m[0].receive_count, 1, "cut after {cut} ms");
-        assert!(q.give_back(&m[0], NOW).await.unwrap());
+        assert_eq!(
+            m[0].given_back, 0,
+            "cut after {cut} ms: a release is no give-back"
+        );
+        assert!(q.release(&m[0]).await.unwrap());
     }
 }
