@@ -63,7 +63,20 @@ impl TestS3 {
 /// Perform a presigned request as a browser would: the signed headers, except
 /// Content-Length, which the HTTP client derives from the body.
 async fn send(http: &reqwest::Client, p: &Presigned, body: Vec<u8>) -> reqwest::Response {
+    send_from(http, p, body, None).await
+}
+
+/// [`send`], from a browser page on `origin` when given.
+async fn send_from(
+    http: &reqwest::Client,
+    p: &Presigned,
+    body: Vec<u8>,
+    origin: Option<&str>,
+) -> reqwest::Response {
     let mut req = http.request(p.method.parse().unwrap(), &p.url);
+    if let Some(origin) = origin {
+        req = req.header("Origin", origin);
+    }
     for (name, value) in &p.headers {
         if !name.eq_ignore_ascii_case("content-length") {
             req = req.header(name, value);
@@ -112,6 +125,13 @@ async fn spawn_s3_for(origins: &[&str]) -> TestS3 {
         _dir: dir,
         _stop: stop,
     }
+}
+
+/// Flip the first character of the URL's signature.
+fn tamper(p: &mut Presigned) {
+    let at = p.url.find("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
+    let flipped = if &p.url[at..=at] == "0" { "1" } else { "0" };
+    p.url.replace_range(at..=at, flipped);
 }
 
 fn new_key() -> ObjectKey {
@@ -314,9 +334,7 @@ async fn a_tampered_signature_is_refused() {
         .presign_put(&key, "application/pdf", BODY.len() as u64)
         .await
         .unwrap();
-    let at = put.url.find("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
-    let flipped = if &put.url[at..=at] == "0" { "1" } else { "0" };
-    put.url.replace_range(at..=at, flipped);
+    tamper(&mut put);
     assert_eq!(s3.send(&put, BODY.to_vec()).await.status(), 403);
     assert_eq!(s3.store.head(&key).await.unwrap(), None);
 }
@@ -522,16 +540,8 @@ async fn a_browser_on_an_allowed_origin_can_upload_and_others_get_no_cors() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
 
     // The upload itself, as the browser sends it.
-    let mut req = s3
-        .http
-        .put(&put.url)
-        .header("Origin", "http://localhost:3000");
-    for (name, value) in &put.headers {
-        if !name.eq_ignore_ascii_case("content-length") {
-            req = req.header(name, value);
-        }
-    }
-    let r = req.body(BODY.to_vec()).send().await.unwrap();
+    let browser = Some("http://localhost:3000");
+    let r = send_from(&s3.http, &put, BODY.to_vec(), browser).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.headers()["access-control-allow-origin"],
@@ -545,23 +555,8 @@ async fn a_browser_on_an_allowed_origin_can_upload_and_others_get_no_cors() {
         .presign_put(&new_key(), "application/pdf", BODY.len() as u64)
         .await
         .unwrap();
-    let at = tampered.url.find("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
-    let flipped = if &tampered.url[at..=at] == "0" {
-        "1"
-    } else {
-        "0"
-    };
-    tampered.url.replace_range(at..=at, flipped);
-    let mut req = s3
-        .http
-        .put(&tampered.url)
-        .header("Origin", "http://localhost:3000");
-    for (name, value) in &tampered.headers {
-        if !name.eq_ignore_ascii_case("content-length") {
-            req = req.header(name, value);
-        }
-    }
-    let r = req.body(BODY.to_vec()).send().await.unwrap();
+    tamper(&mut tampered);
+    let r = send_from(&s3.http, &tampered, BODY.to_vec(), browser).await;
     assert_eq!(r.status(), 403);
     assert_eq!(s3.events().len(), 1);
 }

@@ -398,7 +398,17 @@ fn notification(bucket: &str, key: &str, size: u64, etag: &str) -> String {
     .to_string()
 }
 
+/// Messages of the documents queue (in flight or not).
 async fn queue_depth(sys: &Sys) -> i64 {
+    count_messages(sys, "").await
+}
+
+/// Messages of the documents queue that have been received at least once.
+async fn received(sys: &Sys) -> i64 {
+    count_messages(sys, "AND receive_count > 0").await
+}
+
+async fn count_messages(sys: &Sys, and: &str) -> i64 {
     let commands::Database::Sqlite(pool) = handlers::Runtime::build(sys.settings.clone())
         .await
         .unwrap()
@@ -407,10 +417,12 @@ async fn queue_depth(sys: &Sys) -> i64 {
     else {
         panic!("embedded only");
     };
-    sqlx::query_scalar("SELECT count(*) FROM queue_messages WHERE queue = 'documents'")
-        .fetch_one(&pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM queue_messages WHERE queue = 'documents' {and}"
+    ))
+    .fetch_one(&pool)
+    .await
+    .unwrap()
 }
 
 #[tokio::test]
@@ -676,15 +688,13 @@ impl JobQueue for CountingQueue {
         }
         Ok(got)
     }
-    async fn give_back(
+    async fn put_back(
         &self,
         m: &worker::queue::Received,
         delay: Duration,
+        counted: bool,
     ) -> anyhow::Result<bool> {
-        self.inner.give_back(m, delay).await
-    }
-    async fn release(&self, m: &worker::queue::Received) -> anyhow::Result<bool> {
-        self.inner.release(m).await
+        self.inner.put_back(m, delay, counted).await
     }
     async fn close(&self) {
         self.inner.close().await
@@ -864,22 +874,4 @@ async fn a_second_delivery_of_a_running_attempt_waits_for_its_outcome_instead_of
     // The first delivery, still held: the job's outcome is stored, so it goes.
     assert!(queue.delete(&held.receipt).await.unwrap());
     sys.stop().await;
-}
-
-/// Messages of the documents queue that have been received at least once.
-async fn received(sys: &Sys) -> i64 {
-    let commands::Database::Sqlite(pool) = handlers::Runtime::build(sys.settings.clone())
-        .await
-        .unwrap()
-        .state
-        .db
-    else {
-        panic!("embedded only");
-    };
-    sqlx::query_scalar(
-        "SELECT count(*) FROM queue_messages WHERE queue = 'documents' AND receive_count > 0",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap()
 }

@@ -46,15 +46,23 @@ pub trait JobQueue: Send + Sync {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<Received>>;
+    /// Undo this receive: the message comes back after `delay` with its receive count
+    /// unspent, and one more give-back counted if `counted`. `false`: the receipt is
+    /// stale. Callers use [`JobQueue::give_back`] or [`JobQueue::release`].
+    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool>;
     /// Let the message come back after `delay` as if this receive had not happened: its
     /// receive count is not spent. For a receive that did no work (the event store or the
     /// bucket was unreachable), so that an outage never walks a message into the
     /// dead-letter queue behind the job's back. `false`: the receipt is stale.
-    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool>;
+    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
+        self.put_back(message, delay, true).await
+    }
     /// Make the message visible now as if this receive had not happened, without counting
     /// a give-back: nothing failed (a receive cut short, a worker stopping before it
     /// started any attempt). `false`: the receipt is stale.
-    async fn release(&self, message: &Received) -> Result<bool>;
+    async fn release(&self, message: &Received) -> Result<bool> {
+        self.put_back(message, Duration::ZERO, false).await
+    }
     /// Wait until receives whose callers went away have given their messages back.
     async fn close(&self);
     /// Hide the message for `visibility` from now (a heartbeat). `false`: the receipt is
@@ -100,43 +108,51 @@ impl<Q: JobQueue + Clone + 'static> Drop for Pending<Q> {
     }
 }
 
-/// Run `poll` in a task of its own, so that dropping the caller's future mid-poll cannot
-/// strand the messages it took (the trait's cancel-safety): they are given back, and
-/// [`JobQueue::close`] (the `receiving` lock taken exclusively) waits for that. `poll`
-/// should stop early once its flag is set.
-pub(crate) async fn receive_detached<Q, F, Fut>(
-    queue: &Q,
-    receiving: &Arc<RwLock<()>>,
-    poll: F,
-) -> Result<Vec<Received>>
-where
-    Q: JobQueue + Clone + 'static,
-    F: FnOnce(Q, Arc<AtomicBool>) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<Vec<Received>>> + Send + 'static,
-{
-    let guard = receiving.clone().read_owned().await;
-    let (tx, rx) = oneshot::channel::<Handover>();
-    let abandoned = Arc::new(AtomicBool::new(false));
-    let (q, flag) = (queue.clone(), abandoned.clone());
-    tokio::spawn(async move {
-        let got = poll(q.clone(), flag).await;
-        if let Err((Ok(messages), guard)) = tx.send((got, guard)) {
-            for m in &messages {
-                let _ = q.release(m).await;
+/// An adapter's receives in flight, for the trait's cancel-safety: each holds the lock
+/// shared until its messages are handed over or released; [`Receiving::close`] (an
+/// adapter's [`JobQueue::close`]) takes it exclusively.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Receiving(Arc<RwLock<()>>);
+
+impl Receiving {
+    /// Run `poll` in a task of its own, so that dropping the caller's future mid-poll
+    /// cannot strand the messages it took: they are released. `poll` should stop early
+    /// once its flag is set.
+    pub(crate) async fn detached<Q, F, Fut>(&self, queue: &Q, poll: F) -> Result<Vec<Received>>
+    where
+        Q: JobQueue + Clone + 'static,
+        F: FnOnce(Q, Arc<AtomicBool>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Vec<Received>>> + Send + 'static,
+    {
+        let guard = self.0.clone().read_owned().await;
+        let (tx, rx) = oneshot::channel::<Handover>();
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let (q, flag) = (queue.clone(), abandoned.clone());
+        tokio::spawn(async move {
+            let got = poll(q.clone(), flag).await;
+            if let Err((Ok(messages), guard)) = tx.send((got, guard)) {
+                for m in &messages {
+                    let _ = q.release(m).await;
+                }
+                drop(guard);
             }
-            drop(guard);
-        }
-    });
-    let mut pending = Pending {
-        rx,
-        abandoned,
-        queue: queue.clone(),
-    };
-    let (got, guard) = (&mut pending.rx)
-        .await
-        .map_err(|_| anyhow!("the receive task failed"))?;
-    drop(guard);
-    got
+        });
+        let mut pending = Pending {
+            rx,
+            abandoned,
+            queue: queue.clone(),
+        };
+        let (got, guard) = (&mut pending.rx)
+            .await
+            .map_err(|_| anyhow!("the receive task failed"))?;
+        drop(guard);
+        got
+    }
+
+    /// Wait until receives whose callers went away have released their messages.
+    pub(crate) async fn close(&self) {
+        let _ = self.0.write().await;
+    }
 }
 
 /// [`JobQueue`] over the `queue_messages` table of the embedded database.
@@ -146,8 +162,7 @@ pub struct SqliteQueue {
     name: String,
     dead_letter_name: String,
     max_receives: u32,
-    /// Held (shared) by each receive in flight; [`JobQueue::close`] takes it exclusively.
-    receiving: Arc<RwLock<()>>,
+    receiving: Receiving,
     /// Wakes this handle's long polls when it sends (one process: the embedded S3
     /// endpoint and the worker of `karmic serve` share a handle); other processes' sends
     /// are found by the poll every 50 ms.
@@ -177,28 +192,9 @@ impl SqliteQueue {
             name: name.to_owned(),
             dead_letter_name: format!("{name}-dlq"),
             max_receives: max_receives.max(1),
-            receiving: Arc::new(RwLock::new(())),
+            receiving: Receiving::default(),
             arrived: Arc::new(Notify::new()),
         }
-    }
-
-    /// The receive undone: visible after `delay`, its receive count unspent, a give-back
-    /// counted if `counted`.
-    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
-        let n = sqlx::query(
-            "UPDATE queue_messages
-                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL,
-                    given_back = given_back + ?3
-              WHERE receipt = ?1",
-        )
-        .bind(&message.receipt)
-        .bind(now_ms().saturating_add(ms(delay)))
-        .bind(i64::from(counted))
-        .execute(&self.pool)
-        .await
-        .context("putting a message back")?
-        .rows_affected();
-        Ok(n == 1)
     }
 
     /// The long poll: one attempt every 50 ms until a message comes, `wait` is over or
@@ -312,22 +308,34 @@ impl JobQueue for SqliteQueue {
         wait: Duration,
         visibility: Duration,
     ) -> Result<Vec<Received>> {
-        receive_detached(self, &self.receiving, move |q, abandoned| async move {
-            q.poll(max, wait, visibility, &abandoned).await
-        })
+        self.receiving
+            .detached(self, move |q, abandoned| async move {
+                q.poll(max, wait, visibility, &abandoned).await
+            })
+            .await
+    }
+
+    /// The receive undone: visible after `delay`, its receive count unspent, a give-back
+    /// counted if `counted`.
+    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE queue_messages
+                SET visible_at = ?2, receive_count = max(receive_count - 1, 0), receipt = NULL,
+                    given_back = given_back + ?3
+              WHERE receipt = ?1",
+        )
+        .bind(&message.receipt)
+        .bind(now_ms().saturating_add(ms(delay)))
+        .bind(i64::from(counted))
+        .execute(&self.pool)
         .await
-    }
-
-    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
-        self.put_back(message, delay, true).await
-    }
-
-    async fn release(&self, message: &Received) -> Result<bool> {
-        self.put_back(message, Duration::ZERO, false).await
+        .context("putting a message back")?
+        .rows_affected();
+        Ok(n == 1)
     }
 
     async fn close(&self) {
-        let _ = self.receiving.write().await;
+        self.receiving.close().await;
     }
 
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {

@@ -8,7 +8,6 @@
 //! (send a delayed copy that carries the receives already spent in the message
 //! attribute [`RECEIVES_BEFORE`], then delete the original).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
@@ -16,9 +15,8 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 use secrecy::{ExposeSecret, SecretString};
-use tokio::sync::RwLock;
 
-use crate::queue::{JobQueue, Received, receive_detached};
+use crate::queue::{JobQueue, Received, Receiving};
 
 /// Where the queue is and how to reach it.
 #[derive(Debug, Clone)]
@@ -52,8 +50,7 @@ pub struct SqsQueue {
     client: Client,
     queue_url: String,
     dead_letter_url: String,
-    /// Held (shared) by each receive in flight; [`JobQueue::close`] takes it exclusively.
-    receiving: Arc<RwLock<()>>,
+    receiving: Receiving,
 }
 
 /// An SQS client for these settings (shared with set-up code and tests).
@@ -130,37 +127,8 @@ impl SqsQueue {
             client,
             queue_url: settings.queue_url.clone(),
             dead_letter_url,
-            receiving: Arc::new(RwLock::new(())),
+            receiving: Receiving::default(),
         })
-    }
-
-    /// The receive undone: a copy, visible after `delay`, that carries the receives spent
-    /// before this one (and the give-backs, one more if `counted`), then the delete. If
-    /// the delete fails after the send, the message is delivered twice (the consumers are
-    /// idempotent), never lost.
-    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
-        let before = message.receive_count.saturating_sub(1);
-        let number = |n: u32| {
-            MessageAttributeValue::builder()
-                .data_type("Number")
-                .string_value(n.to_string())
-                .build()
-                .context("building a message attribute")
-        };
-        self.client
-            .send_message()
-            .queue_url(&self.queue_url)
-            .message_body(&message.body)
-            .delay_seconds(secs(delay.min(MAX_DELAY)))
-            .message_attributes(RECEIVES_BEFORE, number(before)?)
-            .message_attributes(
-                GIVEN_BACK,
-                number(message.given_back.saturating_add(u32::from(counted)))?,
-            )
-            .send()
-            .await
-            .context("putting a message back: sending its copy")?;
-        self.delete(&message.receipt).await
     }
 
     /// One ReceiveMessage call.
@@ -334,22 +302,44 @@ impl JobQueue for SqsQueue {
     ) -> Result<Vec<Received>> {
         // A long poll cannot be cut short; whatever it brings after its caller has gone
         // is given back.
-        receive_detached(self, &self.receiving, move |q, _abandoned| async move {
-            q.receive_once(max, wait, visibility).await
-        })
-        .await
-    }
-
-    async fn give_back(&self, message: &Received, delay: Duration) -> Result<bool> {
-        self.put_back(message, delay, true).await
-    }
-
-    async fn release(&self, message: &Received) -> Result<bool> {
-        self.put_back(message, Duration::ZERO, false).await
+        self.receiving
+            .detached(self, move |q, _abandoned| async move {
+                q.receive_once(max, wait, visibility).await
+            })
+            .await
     }
 
     async fn close(&self) {
-        let _ = self.receiving.write().await;
+        self.receiving.close().await;
+    }
+
+    /// The receive undone: a copy, visible after `delay`, that carries the receives spent
+    /// before this one (and the give-backs, one more if `counted`), then the delete. If
+    /// the delete fails after the send, the message is delivered twice (the consumers are
+    /// idempotent), never lost.
+    async fn put_back(&self, message: &Received, delay: Duration, counted: bool) -> Result<bool> {
+        let before = message.receive_count.saturating_sub(1);
+        let number = |n: u32| {
+            MessageAttributeValue::builder()
+                .data_type("Number")
+                .string_value(n.to_string())
+                .build()
+                .context("building a message attribute")
+        };
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(&message.body)
+            .delay_seconds(secs(delay.min(MAX_DELAY)))
+            .message_attributes(RECEIVES_BEFORE, number(before)?)
+            .message_attributes(
+                GIVEN_BACK,
+                number(message.given_back.saturating_add(u32::from(counted)))?,
+            )
+            .send()
+            .await
+            .context("putting a message back: sending its copy")?;
+        self.delete(&message.receipt).await
     }
 
     async fn change_visibility(&self, receipt: &str, visibility: Duration) -> Result<bool> {
