@@ -177,8 +177,13 @@ async fn redis_down_reads_come_from_documentdb_within_the_timeout() {
 }
 
 /// A Redis that keeps its connections open and never answers (SIGSTOP): every read still
-/// finishes within about one Redis timeout plus the store's own time, cold keys and warm
-/// ones, with the near cache on or off; after SIGCONT reads go on answering.
+/// finishes within one Redis timeout plus the store's own time, cold keys and warm ones,
+/// with the near cache on or off; after SIGCONT reads go on answering.
+///
+/// The bound is under two timeouts, which is what tells "waited once, then read the
+/// store" from "waited for Redis twice" (a claim or fill after the failed GET); the
+/// timeout is long enough that a loaded 2-core CI machine's slower store read (one took
+/// 245 ms there) fits in the other half.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
     let redis = PrivateServer::redis().await;
@@ -186,7 +191,7 @@ async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
     let store: Arc<dyn ProfileStore> = Arc::new(projections::read_models::SqlProfiles::new(
         projections::ReadModels::new(&db.connect().await),
     ));
-    let timeout = Duration::from_millis(100);
+    let timeout = Duration::from_millis(300);
     let ids: Vec<domain::UserId> = (0..4).map(|_| domain::UserId::new_v7()).collect();
     for id in &ids {
         store.upsert(&profile(*id, 3)).await.unwrap();
@@ -217,7 +222,7 @@ async fn a_hung_redis_costs_a_read_no_more_than_the_timeout() {
             let t = Instant::now();
             assert_eq!(r.get(*id).await.unwrap(), Some(profile(*id, 3)));
             assert!(
-                t.elapsed() < timeout + Duration::from_millis(100),
+                t.elapsed() < timeout * 2,
                 "a read took {:?} with Redis hung (timeout {timeout:?})",
                 t.elapsed()
             );
