@@ -1,5 +1,6 @@
 //! The `karmic` command line: run the server, migrate, and operate the system.
 
+pub mod events;
 pub mod system;
 
 use std::process::ExitCode;
@@ -49,8 +50,47 @@ enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Read, export, replay and verify the event history (auditors).
+    Events {
+        #[command(subcommand)]
+        command: events::EventsCommand,
+    },
     /// Print the OpenAPI document.
     Openapi,
+}
+
+/// An outcome a script can tell from others by the exit code (documented in the README):
+/// 0 success, 1 an operation failed (the store or a queue could not be reached, …),
+/// 2 the command line is wrong, 3 a check found a problem (`events verify`), 4 nothing
+/// matched what was named.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn usage(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
+    pub fn check(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 3,
+            message: message.into(),
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 4,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,7 +242,10 @@ pub async fn main_entry() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<Failure>() {
+                Some(f) => ExitCode::from(f.code),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -258,6 +301,12 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Projections { command } => projections(settings, command).await,
+        Command::Events { command } => {
+            let db = handlers::app::connect(&settings).await?;
+            let result = events::run(&db, command).await;
+            db.close().await;
+            result
+        }
         Command::Openapi | Command::AnalyzeChild { .. } => Ok(()),
     }
 }

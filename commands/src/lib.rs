@@ -6,6 +6,8 @@
 //! HTTP handlers and the CLI call.
 
 pub mod accounts;
+pub mod audit;
+pub mod chain;
 pub mod documents;
 pub mod error;
 pub mod keyed;

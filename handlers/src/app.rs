@@ -106,7 +106,11 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
     if matches!(service, Service::All | Service::Users) {
         r = r
             .route("/users", get(routes::users::list_users))
-            .route("/users/{id}", get(routes::users::get_user));
+            .route("/users/{id}", get(routes::users::get_user))
+            .route(
+                "/admin/events/{aggregate_type}/{aggregate_id}",
+                get(routes::audit::aggregate_history),
+            );
     }
     if matches!(service, Service::All | Service::Profiles) {
         r = r.route(
@@ -398,7 +402,9 @@ async fn profile_store(
     })
 }
 
-async fn connect(settings: &Settings) -> Result<Database> {
+/// The configured event store's pool (the data directory created in embedded mode), not
+/// migrated: the CLI's read-only commands (`karmic events …`) use it alone.
+pub async fn connect(settings: &Settings) -> Result<Database> {
     if settings.is_embedded() {
         std::fs::create_dir_all(&settings.data_dir).with_context(|| {
             format!(

@@ -35,6 +35,7 @@ use crate::routes;
         routes::auth::login,
         routes::users::list_users,
         routes::users::get_user,
+        routes::audit::aggregate_history,
         routes::profiles::get_profile,
         routes::profiles::put_profile,
         routes::documents::request_upload,
@@ -60,6 +61,7 @@ use crate::routes;
         (name = "users", description = "Accounts"),
         (name = "profiles", description = "Public profiles"),
         (name = "documents", description = "Uploads (presigned, straight to storage), analysis results, downloads"),
+        (name = "audit", description = "The event history of one aggregate and its state at any point (admins)"),
         (name = "health", description = "Liveness"),
     )
 )]

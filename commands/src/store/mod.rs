@@ -29,6 +29,7 @@ pub use postgres::{
     PING_AFTER_IDLE, PostgresFeed, feed_event as pg_feed_event, feed_query as pg_feed_query,
 };
 pub use sqlite::SqliteFeed;
+pub(crate) use sqlite::parse_time as parse_sqlite_time;
 
 /// A place in the global feed. On Postgres, `(transaction_id, position)`; on SQLite the
 /// transaction part is always 0 and `position` is the rowid. Ordered lexicographically.
@@ -171,7 +172,8 @@ impl Database {
         }
     }
 
-    /// Apply the embedded migrations. Idempotent.
+    /// Apply the embedded migrations, then chain any event stored without a hash
+    /// ([`crate::audit::backfill`]). Idempotent.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         match self {
             Database::Postgres(pool) => migrations::POSTGRES
@@ -182,6 +184,14 @@ impl Database {
                 .run(pool)
                 .await
                 .context("running SQLite migrations")?,
+        }
+        // Events stored before the hash chain existed are chained now (a no-op once done).
+        let chained = crate::audit::backfill(self).await?;
+        if chained > 0 {
+            tracing::info!(
+                events = chained,
+                "chained events stored before the hash chain"
+            );
         }
         Ok(())
     }
@@ -662,9 +672,17 @@ impl<A: Aggregate + 'static> AggregateStore<A> {
                 )
                 .await
             }
-            Inner::Sqlite(s, _, pool) => {
-                let append = CqrsAppend(s, pool);
-                execute_on(&append, ctx, command, services, expected, meta, guard).await
+            Inner::Sqlite(_, _, pool) => {
+                execute_on(
+                    &SqliteAppend(pool),
+                    ctx,
+                    command,
+                    services,
+                    expected,
+                    meta,
+                    guard,
+                )
+                .await
             }
         }
     }
@@ -705,15 +723,61 @@ trait Append<A: Aggregate> {
     ) -> Result<Appended, StoreError>;
 }
 
-/// SQLite: through sqlite-es (one writer at a time; a transaction costs no round trip).
-/// The guard is checked just before (one process writes; the window is the gap between
-/// two local statements).
-struct CqrsAppend<'a, A: Aggregate>(
-    &'a PersistedEventStore<SqliteEventRepository, A>,
-    &'a SqlitePool,
-);
+/// One event to append: its sequence, type, version, payload, when it is recorded, and
+/// the canonical encoding that its hash covers (with the aggregate and the metadata; see
+/// [`crate::chain`]).
+pub(crate) struct NewEvent {
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: Value,
+    pub recorded_at: DateTime<Utc>,
+    pub canonical: String,
+}
 
-impl<A: Aggregate> Append<A> for CqrsAppend<'_, A> {
+/// The rows a decided command appends after the context's sequence, recorded now.
+fn new_events<A: Aggregate>(
+    aggregate_id: &str,
+    after: usize,
+    events: &[A::Event],
+    metadata: &Value,
+) -> Result<Vec<NewEvent>, StoreError> {
+    use cqrs_es::DomainEvent;
+    let recorded_at = crate::chain::store_time(Utc::now());
+    let mut rows = Vec::with_capacity(events.len());
+    for (i, e) in events.iter().enumerate() {
+        let payload = serde_json::to_value(e).context("encoding an event")?;
+        let sequence = i64::try_from(after + i + 1).unwrap_or(i64::MAX);
+        let (event_type, event_version) = (e.event_type(), e.event_version());
+        let canonical = crate::chain::Body {
+            aggregate_type: A::TYPE,
+            aggregate_id,
+            sequence,
+            event_type: &event_type,
+            event_version: &event_version,
+            payload: &payload,
+            metadata,
+            recorded_at,
+        }
+        .canonical();
+        rows.push(NewEvent {
+            sequence,
+            event_type,
+            event_version,
+            payload,
+            recorded_at,
+            canonical,
+        });
+    }
+    Ok(rows)
+}
+
+/// SQLite: one multi-row `INSERT` that checks the guard in the same statement, after one
+/// local read of the hash the chain continues from (a racing writer of the same aggregate
+/// loses on the sequence key, so the hash read is the one just before what is written).
+struct SqliteAppend<'a>(&'a SqlitePool);
+
+impl<A: Aggregate> Append<A> for SqliteAppend<'_> {
     async fn append(
         &self,
         ctx: cqrs_es::persist::EventStoreAggregateContext<A>,
@@ -721,32 +785,15 @@ impl<A: Aggregate> Append<A> for CqrsAppend<'_, A> {
         metadata: HashMap<String, String>,
         guard: Option<&Guard>,
     ) -> Result<Appended, StoreError> {
-        if let Some(g) = guard {
-            let present: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM events
-                                 WHERE aggregate_type = ? AND aggregate_id = ? AND event_type = ?)",
-            )
-            .bind(g.aggregate_type)
-            .bind(&g.aggregate_id)
-            .bind(g.absent_event)
-            .fetch_one(self.1)
-            .await
-            .context("checking an append's guard")?;
-            if present {
-                return Ok(Appended::Guarded);
-            }
-        }
-        match self.0.commit(events, ctx, metadata).await {
-            Ok(_) => Ok(Appended::Done(None)),
-            Err(AggregateError::AggregateConflict) => Ok(Appended::Conflict),
-            Err(e) => Err(store_error(e)),
-        }
+        let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
+        let rows = new_events::<A>(&ctx.aggregate_id, ctx.current_sequence, &events, &metadata)?;
+        sqlite::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
     }
 }
 
 /// Postgres: one multi-row `INSERT` in autocommit (atomic on its own; one round trip
-/// instead of `BEGIN`/`INSERT`/`COMMIT`), in postgres-es's table layout, returning where
-/// the events went in the feed.
+/// instead of `BEGIN`/`INSERT`/`COMMIT`), in postgres-es's table layout, chaining the
+/// hashes in the same statement and returning where the events went in the feed.
 struct PgAppend<'a>(&'a PgPool);
 
 impl<A: Aggregate> Append<A> for PgAppend<'_> {
@@ -757,14 +804,8 @@ impl<A: Aggregate> Append<A> for PgAppend<'_> {
         metadata: HashMap<String, String>,
         guard: Option<&Guard>,
     ) -> Result<Appended, StoreError> {
-        use cqrs_es::DomainEvent;
         let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
-        let mut rows = Vec::with_capacity(events.len());
-        for (i, e) in events.iter().enumerate() {
-            let payload = serde_json::to_value(e).context("encoding an event")?;
-            let sequence = i64::try_from(ctx.current_sequence + i + 1).unwrap_or(i64::MAX);
-            rows.push((sequence, e.event_type(), e.event_version(), payload));
-        }
+        let rows = new_events::<A>(&ctx.aggregate_id, ctx.current_sequence, &events, &metadata)?;
         postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
     }
 }

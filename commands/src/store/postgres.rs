@@ -173,45 +173,95 @@ impl EventFeed for PostgresFeed {
     }
 }
 
-/// Append rows `(sequence, event type, event version, payload)` of one aggregate in one
-/// statement, if `guard` holds (checked in the same statement). A unique violation (a row
-/// with one of these sequences exists: another writer got there first; or a constraint of
-/// the append, the email's row) is a conflict; nothing was written then.
+/// Append rows of one aggregate in one statement, if `guard` holds (checked in the same
+/// statement). The statement also chains the hashes: the first row's `prev` is the stored
+/// hash of the event just before it (or the genesis value at sequence 1), and each hash is
+/// `sha256(prev ‖ canonical)` computed by Postgres, so tamper evidence costs the command
+/// path no round trip. A unique violation (a row with one of these sequences exists:
+/// another writer got there first; or a constraint of the append, the email's row) is a
+/// conflict; nothing was written then.
 pub(super) async fn append(
     pool: &PgPool,
     aggregate_type: &str,
     aggregate_id: &str,
-    rows: &[(i64, String, String, serde_json::Value)],
+    rows: &[super::NewEvent],
     metadata: &serde_json::Value,
     guard: Option<&super::Guard>,
 ) -> Result<super::Appended, StoreError> {
-    let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata) ",
+    use std::fmt::Write as _;
+    let Some(first) = rows.first() else {
+        return Ok(super::Appended::Done(None));
+    };
+    // $1 type, $2 id, $3 metadata, $4 the first sequence, then six per row.
+    let mut sql = String::with_capacity(1024);
+    sql.push_str(
+        "WITH RECURSIVE v (n, sequence, event_type, event_version, payload, recorded_at, canonical) AS (VALUES ",
     );
+    for i in 0..rows.len() {
+        let b = 5 + i * 6;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        let _ = write!(
+            sql,
+            "({n}, ${b}::bigint, ${}::text, ${}::text, ${}::json, ${}::timestamptz, ${}::text)",
+            b + 1,
+            b + 2,
+            b + 3,
+            b + 4,
+            b + 5,
+            n = i + 1,
+        );
+    }
+    sql.push_str(
+        "), chain (n, hash) AS (
+            SELECT 0, CASE WHEN $4::bigint = 1 THEN repeat('0', 64)
+                           ELSE (SELECT e.hash FROM events e
+                                  WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                                    AND e.sequence = $4::bigint - 1) END
+            UNION ALL
+            SELECT v.n, encode(sha256(convert_to(chain.hash || v.canonical, 'UTF8')), 'hex')
+              FROM chain JOIN v ON v.n = chain.n + 1)
+         INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, recorded_at, hash)
+         SELECT $1, $2, v.sequence, v.event_type, v.event_version, v.payload, $3::json,
+                v.recorded_at, chain.hash
+           FROM v JOIN chain ON chain.n = v.n",
+    );
+    let next = 5 + rows.len() * 6;
     if guard.is_some() {
-        q.push("SELECT * FROM (");
+        let _ = write!(
+            sql,
+            " WHERE NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ${}
+                 AND g.aggregate_id = ${} AND g.event_type = ${})",
+            next,
+            next + 1,
+            next + 2
+        );
     }
-    q.push_values(rows, |mut b, (sequence, event_type, version, payload)| {
-        b.push_bind(aggregate_type)
-            .push_bind(aggregate_id)
-            .push_bind(sequence)
-            .push_bind(event_type)
-            .push_bind(version)
-            .push_bind(payload)
-            .push_bind(metadata);
-    });
+    // Positions are handed out in the order the rows come: sequence order.
+    sql.push_str(" ORDER BY v.n RETURNING transaction_id::text::bigint AS tx, position");
+    let mut q = sqlx::query(&sql)
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(metadata)
+        .bind(first.sequence);
+    for r in rows {
+        q = q
+            .bind(r.sequence)
+            .bind(&r.event_type)
+            .bind(&r.event_version)
+            .bind(&r.payload)
+            .bind(r.recorded_at)
+            .bind(&r.canonical);
+    }
     if let Some(g) = guard {
-        q.push(") AS v WHERE NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ")
-            .push_bind(g.aggregate_type)
-            .push(" AND g.aggregate_id = ")
-            .push_bind(&g.aggregate_id)
-            .push(" AND g.event_type = ")
-            .push_bind(g.absent_event)
-            .push(")");
+        q = q
+            .bind(g.aggregate_type)
+            .bind(&g.aggregate_id)
+            .bind(g.absent_event);
     }
-    q.push(" RETURNING transaction_id::text::bigint AS tx, position");
-    match q.build().fetch_all(pool).await {
+    match q.fetch_all(pool).await {
         Ok(done) if done.is_empty() => Ok(super::Appended::Guarded),
         Ok(done) => {
             let mut last = Position::START;

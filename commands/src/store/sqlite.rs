@@ -143,3 +143,77 @@ pub(super) async fn email_owner(
     id.map(|s| domain::UserId::parse(&s).map_err(StoreError::msg))
         .transpose()
 }
+
+/// Append rows of one aggregate in one statement, if `guard` holds (checked in the same
+/// statement). The hashes chain on from the stored hash of the event just before the first
+/// row (the genesis value at sequence 1); a unique violation (another writer took one of
+/// these sequences, or the email trigger refused) is a conflict, with nothing written.
+pub(super) async fn append(
+    pool: &SqlitePool,
+    aggregate_type: &str,
+    aggregate_id: &str,
+    rows: &[super::NewEvent],
+    metadata: &serde_json::Value,
+    guard: Option<&super::Guard>,
+) -> Result<super::Appended, StoreError> {
+    let Some(first) = rows.first() else {
+        return Ok(super::Appended::Done(None));
+    };
+    let mut prev: Option<String> = if first.sequence == 1 {
+        Some(crate::chain::GENESIS.to_owned())
+    } else {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT hash FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND sequence = ?",
+        )
+        .bind(aggregate_type)
+        .bind(aggregate_id)
+        .bind(first.sequence - 1)
+        .fetch_optional(pool)
+        .await
+        .context("reading the hash the chain continues from")?
+        .flatten()
+    };
+    let metadata = serde_json::to_string(metadata).context("encoding event metadata")?;
+    let mut values = Vec::with_capacity(rows.len());
+    for r in rows {
+        let hash = prev
+            .as_deref()
+            .map(|p| crate::chain::hash_canonical(p, &r.canonical));
+        let payload = serde_json::to_string(&r.payload).context("encoding an event")?;
+        values.push((r, payload, hash.clone()));
+        prev = hash;
+    }
+    let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, recorded_at, hash) SELECT * FROM (",
+    );
+    q.push_values(&values, |mut b, (r, payload, hash)| {
+        b.push_bind(aggregate_type)
+            .push_bind(aggregate_id)
+            .push_bind(r.sequence)
+            .push_bind(&r.event_type)
+            .push_bind(&r.event_version)
+            .push_bind(payload)
+            .push_bind(&metadata)
+            .push_bind(crate::chain::format_time(r.recorded_at))
+            .push_bind(hash);
+    });
+    q.push(")");
+    if let Some(g) = guard {
+        q.push(" WHERE NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ")
+            .push_bind(g.aggregate_type)
+            .push(" AND g.aggregate_id = ")
+            .push_bind(&g.aggregate_id)
+            .push(" AND g.event_type = ")
+            .push_bind(g.absent_event)
+            .push(")");
+    }
+    match q.build().execute(pool).await {
+        Ok(done) if done.rows_affected() == 0 => Ok(super::Appended::Guarded),
+        Ok(_) => Ok(super::Appended::Done(None)),
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Ok(super::Appended::Conflict),
+        Err(e) => Err(StoreError(
+            anyhow::Error::new(e).context("appending events"),
+        )),
+    }
+}

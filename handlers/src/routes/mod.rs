@@ -1,5 +1,6 @@
 //! Route handlers, one module per service (matching the Lambda functions).
 
+pub mod audit;
 pub mod auth;
 pub mod documents;
 pub mod health;

@@ -62,7 +62,7 @@ pub struct ListParams {
 
 /// The caller must be an admin now: the token's role claim is checked against the event
 /// store, so a revoked or deactivated admin loses access before the token expires.
-async fn require_admin(state: &AppState, who: &AuthUser) -> Result<(), ApiError> {
+pub(crate) async fn require_admin(state: &AppState, who: &AuthUser) -> Result<(), ApiError> {
     if !who.is_admin() {
         return Err(ApiError::Forbidden("this needs the admin role".to_owned()));
     }
