@@ -78,9 +78,17 @@ def main(path):
         for number_, text in enumerate(f, 1):
             try:
                 line = json.loads(text)
+                if not isinstance(line, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in BODY + ("hash",) if k not in line]
+                if missing:
+                    raise ValueError(f"missing {', '.join(missing)}")
+                if type(line["sequence"]) is not int or not isinstance(line["hash"], str):
+                    raise ValueError("sequence must be an integer and hash a string")
                 key = (line["aggregate_type"], line["aggregate_id"])
                 seq, prev = heads.get(key, (0, GENESIS))
-            except (ValueError, KeyError) as e:
+                computed = event_hash(prev, line)
+            except (ValueError, TypeError, ArithmeticError) as e:
                 print(f"line {number_}: not an export line ({e})")
                 return 2
             where = (f"line {number_}, position {line.get('position')}: "
@@ -88,7 +96,7 @@ def main(path):
             if line["sequence"] != seq + 1:
                 print(f"{where}: expected sequence {seq + 1}")
                 return 1
-            if event_hash(prev, line) != line["hash"]:
+            if computed != line["hash"]:
                 print(f"{where}: the hash does not match")
                 return 1
             heads[key] = (line["sequence"], line["hash"])

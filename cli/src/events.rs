@@ -158,20 +158,22 @@ pub async fn run(db: &Database, command: EventsCommand) -> Result<()> {
         } => {
             let mut f = filter.filter()?;
             f.after = after.as_deref().map(parse_position).transpose()?;
-            let limit = limit.clamp(1, 10_000);
+            if !(1..=10_000).contains(&limit) {
+                return Err(Failure::usage("--limit is 1 to 10000").into());
+            }
             let mut out = std::io::stdout().lock();
-            let mut last = None;
             let mut lines = Vec::new();
-            audit::for_each(db, &f, Order::Feed, Some(limit), |e| {
-                last = Some(e.event.position);
+            audit::for_each(db, &f, Order::Feed, Some(limit + 1), |e| {
                 lines.push(e);
                 Ok(())
             })
             .await?;
-            let next = (lines.len() as i64 == limit)
-                .then_some(last)
-                .flatten()
-                .map(|p| p.to_string());
+            let next = if lines.len() as i64 > limit {
+                lines.truncate(limit as usize);
+                lines.last().map(|e| e.event.position.to_string())
+            } else {
+                None
+            };
             if json {
                 let events: Vec<_> = lines.iter().map(|e| e.export_line(false)).collect();
                 let page = serde_json::json!({"events": events, "next_after": next});
@@ -241,6 +243,9 @@ pub async fn run(db: &Database, command: EventsCommand) -> Result<()> {
             version,
             json,
         } => {
+            if version.is_some_and(|v| v < 0) {
+                return Err(Failure::usage("--version is 0 or more").into());
+            }
             let at = AsOf {
                 version,
                 time: as_of.as_deref().map(parse_time).transpose()?,
@@ -302,11 +307,23 @@ pub async fn run(db: &Database, command: EventsCommand) -> Result<()> {
             let b = bar.clone();
             let report = audit::verify(db, against.as_ref(), &move |n| b.set_position(n)).await?;
             bar.finish_and_clear();
-            if let (Some(path), Some(anchor)) = (&save_anchor, &report.anchor)
-                && against.is_none()
-            {
-                std::fs::write(path, serde_json::to_string_pretty(anchor)? + "\n")
-                    .with_context(|| format!("writing {}", path.display()))?;
+            if let Some(path) = &save_anchor {
+                match (&report.anchor, &against) {
+                    (Some(anchor), None) => {
+                        std::fs::write(path, serde_json::to_string_pretty(anchor)? + "\n")
+                            .with_context(|| format!("writing {}", path.display()))?;
+                    }
+                    _ => eprintln!(
+                        "no anchor written: {}",
+                        if against.is_some() {
+                            "--save-anchor does not go with --against"
+                        } else if report.broken > 0 {
+                            "the history does not verify"
+                        } else {
+                            "the store holds no events yet"
+                        }
+                    ),
+                }
             }
             let mut out = std::io::stdout().lock();
             if json {

@@ -1,5 +1,6 @@
 //! The `karmic` command line: run the server, migrate, and operate the system.
 
+pub mod dlq;
 pub mod events;
 pub mod system;
 
@@ -49,6 +50,12 @@ enum Command {
     Projections {
         #[command(subcommand)]
         command: ProjectionsCommand,
+    },
+    /// Failed analysis jobs: list, show, redrive, purge, replay from the event store
+    /// (SQS when KARMIC_SQS_QUEUE_URL is set, else the embedded queue).
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
     },
     /// Read, export, replay and verify the event history (auditors).
     Events {
@@ -301,6 +308,24 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Projections { command } => projections(settings, command).await,
+        Command::Dlq { command } => {
+            let rt = Runtime::build(settings).await?;
+            let (queue, dead) = system::queues(&rt).await?;
+            let dlq = worker::dlq::Dlq {
+                queue,
+                dead,
+                documents: rt.state.documents.clone(),
+                db: rt.state.db.clone(),
+                bucket: rt.settings.s3_bucket.clone(),
+                stale_after: rt.settings.worker_visibility,
+            };
+            let result = dlq::run(&dlq, command).await;
+            if result.is_ok() {
+                // Read models see the redrives now rather than at the next catch-up.
+                let _ = rt.projector.catch_up().await;
+            }
+            result
+        }
         Command::Events { command } => {
             let db = handlers::app::connect(&settings).await?;
             let result = events::run(&db, command).await;

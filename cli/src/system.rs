@@ -11,7 +11,7 @@ use anyhow::{Context, Result, anyhow};
 use handlers::{Application, Runtime, Settings};
 use storage::embedded::{EmbeddedS3, ObjectCreatedSink};
 use tokio::sync::watch;
-use worker::queue::{JobQueue, SqliteQueue};
+use worker::queue::{DeadLetterQueue, JobQueue, SqliteQueue};
 use worker::sqs::{SqsQueue, SqsSettings};
 use worker::{IsolatedAnalyzer, Worker, WorkerSettings};
 
@@ -34,28 +34,38 @@ impl ObjectCreatedSink for LateQueue {
 /// The job queue as configured: SQS when `KARMIC_SQS_QUEUE_URL` is set, else the
 /// embedded queue (embedded store only).
 pub async fn job_queue(rt: &Runtime) -> Result<Arc<dyn JobQueue>> {
+    Ok(queues(rt).await?.0)
+}
+
+/// The job queue and its dead-letter queue, as configured (see [`job_queue`]).
+pub async fn queues(rt: &Runtime) -> Result<(Arc<dyn JobQueue>, Arc<dyn DeadLetterQueue>)> {
     let s = &rt.settings;
     if let Some(queue_url) = &s.sqs_queue_url {
-        let queue = SqsQueue::connect(&SqsSettings {
-            endpoint: s.sqs_endpoint.clone(),
-            queue_url: queue_url.clone(),
-            dead_letter_url: s.sqs_dlq_url.clone(),
-            region: s.aws_region.clone(),
-            credentials: s.aws_credentials.clone(),
-            // Above the longest long poll.
-            operation_timeout: s.worker_wait + std::time::Duration::from_secs(10),
-        })
-        .await?;
-        return Ok(Arc::new(queue));
+        let queue = Arc::new(
+            SqsQueue::connect(&SqsSettings {
+                endpoint: s.sqs_endpoint.clone(),
+                queue_url: queue_url.clone(),
+                dead_letter_url: s.sqs_dlq_url.clone(),
+                region: s.aws_region.clone(),
+                credentials: s.aws_credentials.clone(),
+                // Above the longest long poll.
+                operation_timeout: s.worker_wait + std::time::Duration::from_secs(10),
+            })
+            .await?,
+        );
+        return Ok((queue.clone(), queue));
     }
     match &rt.state.db {
-        commands::Database::Sqlite(pool) => Ok(Arc::new(SqliteQueue::new(
-            pool.clone(),
-            "documents",
-            // One receive more than the job's attempts: a worker that dies during the
-            // last attempt leaves a receive that records the job as dead-lettered.
-            s.job_max_attempts + 1,
-        ))),
+        commands::Database::Sqlite(pool) => {
+            let queue = Arc::new(SqliteQueue::new(
+                pool.clone(),
+                "documents",
+                // One receive more than the job's attempts: a worker that dies during the
+                // last attempt leaves a receive that records the job as dead-lettered.
+                s.job_max_attempts + 1,
+            ));
+            Ok((queue.clone(), queue))
+        }
         _ => Err(anyhow!(
             "KARMIC_SQS_QUEUE_URL must be set with KARMIC_DATABASE_URL (the embedded queue lives in the embedded store)"
         )),

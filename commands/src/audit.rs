@@ -165,11 +165,22 @@ impl EventFilter {
                 ph(Arg::Text(t.clone()), &mut args)
             ));
         }
+        // SQLite keeps times as text, in two precisions (milliseconds before the chain,
+        // microseconds since): compare them as times, not as text.
+        let time = |col: &str| {
+            if pg {
+                col.to_owned()
+            } else {
+                format!("julianday({col})")
+            }
+        };
         if let Some(t) = self.since {
-            terms.push(format!("recorded_at >= {}", ph(Arg::Time(t), &mut args)));
+            let p = ph(Arg::Time(t), &mut args);
+            terms.push(format!("{} >= {}", time("recorded_at"), time(&p)));
         }
         if let Some(t) = self.until {
-            terms.push(format!("recorded_at < {}", ph(Arg::Time(t), &mut args)));
+            let p = ph(Arg::Time(t), &mut args);
+            terms.push(format!("{} < {}", time("recorded_at"), time(&p)));
         }
         let pos = if pg { "position" } else { "rowid" };
         if let Some(p) = self.from_position {
@@ -217,9 +228,24 @@ pub async fn for_each(
     let mut n = 0u64;
     match db {
         Database::Postgres(pool) => {
-            let order_by = match order {
-                Order::Feed => "transaction_id, position",
-                Order::Aggregate => "aggregate_type, aggregate_id, sequence",
+            if order == Order::Feed {
+                wait_for_now(db).await?;
+            }
+            let (order_by, clause) = match order {
+                // Only what no running transaction can still add to (see the feed): a
+                // page or an export never misses an event that commits later below it.
+                Order::Feed => (
+                    "transaction_id, position",
+                    format!(
+                        "{clause}{} transaction_id < pg_snapshot_xmin(pg_current_snapshot())",
+                        if clause.is_empty() { " WHERE" } else { " AND" }
+                    ),
+                ),
+                // Byte order, whatever the database's collation (anchors depend on it).
+                Order::Aggregate => (
+                    "aggregate_type COLLATE \"C\", aggregate_id COLLATE \"C\", sequence",
+                    clause,
+                ),
             };
             let mut sql = format!("SELECT {PG_COLUMNS} FROM events{clause} ORDER BY {order_by}");
             if let Some(l) = limit {
@@ -362,8 +388,9 @@ pub async fn history(
     Ok(out)
 }
 
-/// A point in one aggregate's history: after its last event that is at or below
-/// `version` and recorded at or before `time` (each bound optional; none: the latest).
+/// A point in one aggregate's history: after the longest run of its events, from the
+/// first, that are at or below `version` and recorded at or before `time` (each bound
+/// optional; none: the latest). A prefix, so a state is always one that existed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct AsOf {
     pub version: Option<i64>,
@@ -417,7 +444,7 @@ pub fn replay(
     fn fold<A: Aggregate>(history: &[AuditEvent], as_of: AsOf) -> Result<(Value, i64), StoreError> {
         let mut state = A::default();
         let mut version = 0;
-        for e in history.iter().filter(|e| as_of.includes(&e.event)) {
+        for e in history.iter().take_while(|e| as_of.includes(&e.event)) {
             state.apply(e.event.decode::<A::Event>()?);
             version = e.event.sequence;
         }
@@ -439,15 +466,7 @@ pub fn replay(
 /// Waits (up to 5 s) for the transactions running when it was called to end, so that
 /// everything committed before the call counts.
 pub async fn final_through(db: &Database) -> Result<Option<Position>, StoreError> {
-    let feed = db.feed();
-    if let Some(horizon) = feed.horizon().await? {
-        for _ in 0..200 {
-            if feed.is_visible(horizon).await? {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-        }
-    }
+    wait_for_now(db).await?;
     let row: Option<(i64, i64)> = match db {
         Database::Postgres(p) => sqlx::query_as(
             "SELECT transaction_id::text::bigint, position FROM events
@@ -468,6 +487,21 @@ pub async fn final_through(db: &Database) -> Result<Option<Position>, StoreError
         transaction_id,
         position,
     }))
+}
+
+/// Wait (up to 5 s) until everything committed before the call can be read in commit
+/// order: on Postgres, until the transactions running at the call have ended.
+async fn wait_for_now(db: &Database) -> Result<(), StoreError> {
+    let feed = db.feed();
+    if let Some(horizon) = feed.horizon().await? {
+        for _ in 0..200 {
+            if feed.is_visible(horizon).await? {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    Ok(())
 }
 
 /// A line an auditor keeps outside the system: the digest of every chain head as it stood
@@ -658,85 +692,115 @@ pub async fn verify(
 
 /// Chain every event stored without a hash (those written before the chain existed), in
 /// sequence order per aggregate, continuing from whatever hash the event before holds.
-/// Idempotent and resumable: it only fills empty hashes, a batch of aggregates per
-/// transaction. Run by [`Database::migrate`] after the SQL migrations. Returns how many
-/// events it chained.
+/// Idempotent and resumable: it only fills empty hashes, an aggregate at a time, walking
+/// the aggregates in key order (so one it cannot read is reported and passed, not
+/// retried forever). Run by [`Database::migrate`] after the SQL migrations; with nothing
+/// left to chain it costs one index lookup. Returns how many events it chained.
 pub async fn backfill(db: &Database) -> Result<u64, StoreError> {
     const BATCH: i64 = 200;
     let mut chained = 0u64;
+    let mut after = (String::new(), String::new());
     loop {
-        let keys: Vec<(String, String)> =
-            match db {
-                Database::Postgres(p) => sqlx::query_as(
-                    "SELECT DISTINCT aggregate_type, aggregate_id FROM events WHERE hash IS NULL
-                  ORDER BY 1, 2 LIMIT $1",
-                )
-                .bind(BATCH)
-                .fetch_all(p)
-                .await,
-                Database::Sqlite(p) => sqlx::query_as(
-                    "SELECT DISTINCT aggregate_type, aggregate_id FROM events WHERE hash IS NULL
-                  ORDER BY 1, 2 LIMIT ?",
-                )
-                .bind(BATCH)
-                .fetch_all(p)
-                .await,
-            }
-            .context("finding events without a hash")?;
-        if keys.is_empty() {
-            return Ok(chained);
-        }
-        let mut updates: Vec<(String, String, i64, String)> = Vec::new();
-        for (t, id) in &keys {
-            let mut prev = GENESIS.to_owned();
-            for e in history(db, t, id).await? {
-                let hash = match e.hash.clone() {
-                    Some(h) => h,
-                    None => {
-                        let h = e.body().hash(&prev);
-                        updates.push((t.clone(), id.clone(), e.event.sequence, h.clone()));
-                        h
-                    }
-                };
-                prev = hash;
-            }
-        }
-        chained += updates.len() as u64;
-        match db {
+        let keys: Vec<(String, String)> = match db {
             Database::Postgres(p) => {
-                let mut tx = p.begin().await.context("chaining events")?;
-                for (t, id, seq, h) in &updates {
-                    sqlx::query(
-                        "UPDATE events SET hash = $4 WHERE aggregate_type = $1
-                            AND aggregate_id = $2 AND sequence = $3 AND hash IS NULL",
-                    )
-                    .bind(t)
-                    .bind(id)
-                    .bind(seq)
-                    .bind(h)
-                    .execute(&mut *tx)
-                    .await
-                    .context("chaining an event")?;
-                }
-                tx.commit().await.context("chaining events")?;
+                sqlx::query_as(
+                    "SELECT DISTINCT aggregate_type, aggregate_id FROM events
+                  WHERE hash IS NULL AND (aggregate_type, aggregate_id) > ($1, $2)
+                  ORDER BY 1, 2 LIMIT $3",
+                )
+                .bind(&after.0)
+                .bind(&after.1)
+                .bind(BATCH)
+                .fetch_all(p)
+                .await
             }
             Database::Sqlite(p) => {
-                let mut tx = p.begin().await.context("chaining events")?;
-                for (t, id, seq, h) in &updates {
-                    sqlx::query(
-                        "UPDATE events SET hash = ? WHERE aggregate_type = ?
-                            AND aggregate_id = ? AND sequence = ? AND hash IS NULL",
-                    )
-                    .bind(h)
-                    .bind(t)
-                    .bind(id)
-                    .bind(seq)
-                    .execute(&mut *tx)
-                    .await
-                    .context("chaining an event")?;
-                }
-                tx.commit().await.context("chaining events")?;
+                sqlx::query_as(
+                    "SELECT DISTINCT aggregate_type, aggregate_id FROM events
+                  WHERE hash IS NULL AND (aggregate_type, aggregate_id) > (?, ?)
+                  ORDER BY 1, 2 LIMIT ?",
+                )
+                .bind(&after.0)
+                .bind(&after.1)
+                .bind(BATCH)
+                .fetch_all(p)
+                .await
+            }
+        }
+        .context("finding events without a hash")?;
+        let Some(last) = keys.last() else {
+            return Ok(chained);
+        };
+        after = last.clone();
+        for (t, id) in &keys {
+            match chain_aggregate(db, t, id).await {
+                Ok(n) => chained += n,
+                Err(e) => tracing::error!(
+                    aggregate_type = %t, aggregate_id = %id, error = %format!("{e:#}"),
+                    "cannot chain this aggregate's events (verify will report them)"
+                ),
             }
         }
     }
+}
+
+/// Chain one aggregate's events that have no hash (see [`backfill`]); also what an
+/// append does when the event it follows was never chained. Returns how many it chained.
+pub async fn chain_aggregate(
+    db: &Database,
+    aggregate_type: &str,
+    aggregate_id: &str,
+) -> Result<u64, StoreError> {
+    let mut prev = GENESIS.to_owned();
+    let mut updates: Vec<(i64, String)> = Vec::new();
+    for e in history(db, aggregate_type, aggregate_id).await? {
+        let hash = match e.hash.clone() {
+            Some(h) => h,
+            None => {
+                let h = e.body().hash(&prev);
+                updates.push((e.event.sequence, h.clone()));
+                h
+            }
+        };
+        prev = hash;
+    }
+    if updates.is_empty() {
+        return Ok(0);
+    }
+    let (sequences, hashes): (Vec<i64>, Vec<String>) = updates.iter().cloned().unzip();
+    match db {
+        Database::Postgres(p) => {
+            sqlx::query(
+                "UPDATE events e SET hash = u.hash
+                   FROM unnest($3::bigint[], $4::text[]) AS u(sequence, hash)
+                  WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                    AND e.sequence = u.sequence AND e.hash IS NULL",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(&sequences)
+            .bind(&hashes)
+            .execute(p)
+            .await
+            .context("chaining events")?;
+        }
+        Database::Sqlite(p) => {
+            let mut tx = p.begin().await.context("chaining events")?;
+            for (seq, h) in &updates {
+                sqlx::query(
+                    "UPDATE events SET hash = ? WHERE aggregate_type = ?
+                        AND aggregate_id = ? AND sequence = ? AND hash IS NULL",
+                )
+                .bind(h)
+                .bind(aggregate_type)
+                .bind(aggregate_id)
+                .bind(seq)
+                .execute(&mut *tx)
+                .await
+                .context("chaining an event")?;
+            }
+            tx.commit().await.context("chaining events")?;
+        }
+    }
+    Ok(updates.len() as u64)
 }

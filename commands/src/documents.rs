@@ -310,6 +310,61 @@ impl Documents {
     }
 }
 
+impl Documents {
+    /// An operator sends a dead-lettered job round again. `message`: the dead-letter
+    /// message being re-sent. `Ok(true)`: recorded now; `Ok(false)`: this message's
+    /// redrive was recorded before (a redrive cut short, run again).
+    pub async fn redrive_job(
+        &self,
+        job: JobId,
+        by: &str,
+        reason: &str,
+        message: Option<&str>,
+        meta: &CommandMeta,
+    ) -> Result<bool, CommandError<AiJobError>> {
+        let committed = self
+            .jobs
+            .execute(
+                &job.to_string(),
+                AiJobCommand::Redrive {
+                    by: by.to_owned(),
+                    reason: reason.to_owned(),
+                    message: message.map(str::to_owned),
+                },
+                &(),
+                None,
+                meta,
+            )
+            .await?;
+        self.after_commit.committed(&committed.written).await;
+        Ok(!committed.written.is_empty())
+    }
+
+    /// The queue dead-lettered the job's message without the job recording it: record
+    /// it. `Ok(false)`: it was recorded already.
+    pub async fn record_dead_lettered(
+        &self,
+        job: JobId,
+        reason: &str,
+        meta: &CommandMeta,
+    ) -> Result<bool, CommandError<AiJobError>> {
+        let committed = self
+            .jobs
+            .execute(
+                &job.to_string(),
+                AiJobCommand::RecordDeadLettered {
+                    reason: reason.to_owned(),
+                },
+                &(),
+                None,
+                meta,
+            )
+            .await?;
+        self.after_commit.committed(&committed.written).await;
+        Ok(!committed.written.is_empty())
+    }
+}
+
 fn job_to_document_error(
     e: CommandError<AiJobError>,
     document: DocumentId,

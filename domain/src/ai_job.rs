@@ -151,8 +151,17 @@ pub enum AiJobCommand {
         error: String,
         retryable: bool,
     },
-    /// An operator sends a dead-lettered job round again.
-    Redrive { by: String },
+    /// An operator sends a dead-lettered job round again. `message`: the id of the
+    /// dead-letter message the redrive re-sends (`None`: a replay from the event store).
+    /// The same message again, after its redrive was cut short, is a no-op.
+    Redrive {
+        by: String,
+        reason: String,
+        message: Option<String>,
+    },
+    /// The queue dead-lettered the job's message without the job recording it (a worker
+    /// killed while handling its last receive): the record catches up. Idempotent.
+    RecordDeadLettered { reason: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,8 +197,14 @@ pub enum AiJobEvent {
         attempt: u32,
         succeeded: bool,
     },
+    /// Who sent the job round again, why, and from which dead-letter message (absent
+    /// for a replay from the event store, and in events stored before these fields).
     JobRedriven {
         by: String,
+        #[serde(default)]
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        message: Option<String>,
     },
 }
 
@@ -259,6 +274,12 @@ pub struct AiJob {
     #[serde(default)]
     pub last_outcome: u32,
     pub last_error: Option<String>,
+    /// How many times operators have redriven the job.
+    #[serde(default)]
+    pub redrives: u32,
+    /// The dead-letter message the last redrive re-sent, if it came from one.
+    #[serde(default)]
+    pub redriven_from: Option<String>,
 }
 
 impl AiJob {
@@ -347,12 +368,33 @@ impl AiJob {
                 }
                 Ok(events)
             }
-            AiJobCommand::Redrive { by } => {
+            AiJobCommand::Redrive {
+                by,
+                reason,
+                message,
+            } => {
+                if message.is_some()
+                    && self.redriven_from == message
+                    && self.status != JobStatus::DeadLettered
+                {
+                    // This dead letter's redrive is already recorded (it was cut short
+                    // before the message was deleted).
+                    return Ok(vec![]);
+                }
                 if self.status != JobStatus::DeadLettered {
                     return Err(AiJobError::NotDeadLettered);
                 }
-                Ok(vec![AiJobEvent::JobRedriven { by }])
+                Ok(vec![AiJobEvent::JobRedriven {
+                    by,
+                    reason,
+                    message,
+                }])
             }
+            AiJobCommand::RecordDeadLettered { reason } => match self.status {
+                JobStatus::DeadLettered => Ok(vec![]),
+                JobStatus::Succeeded => Err(AiJobError::Finished),
+                _ => Ok(vec![AiJobEvent::JobDeadLettered { reason }]),
+            },
         }
     }
 
@@ -429,10 +471,12 @@ impl Aggregate for AiJob {
             AiJobEvent::LateOutcomeRecorded { attempt, .. } => {
                 self.last_outcome = self.last_outcome.max(attempt);
             }
-            AiJobEvent::JobRedriven { .. } => {
+            AiJobEvent::JobRedriven { message, .. } => {
                 self.status = JobStatus::Queued;
                 // The redriven message's receive count starts again at 1.
                 self.attempt_base = self.attempt;
+                self.redrives += 1;
+                self.redriven_from = message;
             }
         }
     }
@@ -622,7 +666,16 @@ mod tests {
         let dead = AiJobEvent::JobDeadLettered {
             reason: "not retryable: boom".into(),
         };
-        let redriven = AiJobEvent::JobRedriven { by: "ops".into() };
+        let redriven = AiJobEvent::JobRedriven {
+            by: "ops".into(),
+            reason: "fixed".into(),
+            message: Some("m1".into()),
+        };
+        let redrive = |message: &str| AiJobCommand::Redrive {
+            by: "ops".into(),
+            reason: "fixed".into(),
+            message: Some(message.into()),
+        };
         JobTest::with(())
             .given(vec![
                 requested(),
@@ -630,8 +683,30 @@ mod tests {
                 failed(1, false),
                 dead.clone(),
             ])
-            .when(AiJobCommand::Redrive { by: "ops".into() })
+            .when(redrive("m1"))
             .then_expect_events(vec![redriven.clone()]);
+        // The same dead letter again (its redrive was cut short): nothing new; another
+        // dead letter of a job that is not dead-lettered: refused.
+        JobTest::with(())
+            .given(vec![
+                requested(),
+                started(1),
+                failed(1, false),
+                dead.clone(),
+                redriven.clone(),
+            ])
+            .when(redrive("m1"))
+            .then_expect_events(vec![]);
+        JobTest::with(())
+            .given(vec![
+                requested(),
+                started(1),
+                failed(1, false),
+                dead.clone(),
+                redriven.clone(),
+            ])
+            .when(redrive("m2"))
+            .then_expect_error(AiJobError::NotDeadLettered);
         // The queue's receive count restarts at 1: that is attempt 2 of the job.
         JobTest::with(())
             .given(vec![
@@ -645,8 +720,50 @@ mod tests {
             .then_expect_events(vec![started(2)]);
         JobTest::with(())
             .given(vec![requested(), started(1)])
-            .when(AiJobCommand::Redrive { by: "ops".into() })
+            .when(redrive("m1"))
             .then_expect_error(AiJobError::NotDeadLettered);
+    }
+
+    #[test]
+    fn a_dead_letter_the_job_missed_is_recorded_once() {
+        let dead = AiJobEvent::JobDeadLettered {
+            reason: "found in the dead-letter queue".into(),
+        };
+        let record = || AiJobCommand::RecordDeadLettered {
+            reason: "found in the dead-letter queue".into(),
+        };
+        JobTest::with(())
+            .given(vec![requested(), started(1)])
+            .when(record())
+            .then_expect_events(vec![dead.clone()]);
+        JobTest::with(())
+            .given(vec![requested(), started(1), dead])
+            .when(record())
+            .then_expect_events(vec![]);
+        JobTest::with(())
+            .given(vec![
+                requested(),
+                started(1),
+                AiJobEvent::JobSucceeded {
+                    attempt: 1,
+                    analysis: analysis(1),
+                },
+            ])
+            .when(record())
+            .then_expect_error(AiJobError::Finished);
+    }
+
+    #[test]
+    fn a_redrive_stored_before_its_reason_existed_still_reads() {
+        let old: AiJobEvent = serde_json::from_str(r#"{"JobRedriven":{"by":"ops"}}"#).unwrap();
+        assert_eq!(
+            old,
+            AiJobEvent::JobRedriven {
+                by: "ops".into(),
+                reason: String::new(),
+                message: None
+            }
+        );
     }
 
     #[test]
@@ -683,7 +800,11 @@ mod tests {
                 started(1),
                 failed(1, false),
                 dead,
-                AiJobEvent::JobRedriven { by: "ops".into() },
+                AiJobEvent::JobRedriven {
+                    by: "ops".into(),
+                    reason: String::new(),
+                    message: None,
+                },
                 started(2),
             ])
             .when(fail(1, true))

@@ -335,6 +335,36 @@ async fn old_events_are_chained_by_the_migration_and_replay_upcast(backend: Back
     );
     assert_ne!(line["upcast"]["event_version"], "0.9");
     assert_eq!(line["recorded_at"], "2025-01-02T03:04:05.678000Z");
+
+    // An append after an event that was never chained (stored by an older build after
+    // the migration ran): the append chains the aggregate first, never writes a gap.
+    let late = UserId::new_v7();
+    sql(
+        &db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+             VALUES ('user', '{late}', 1, 'UserRegistered', '0.9', '{}', '{{}}')",
+            old.replace(&id.to_string(), &late.to_string()).replace("old@", "late@")
+        ),
+    )
+    .await;
+    db.aggregates::<User>()
+        .execute(
+            &late.to_string(),
+            UserCommand::GrantAdmin,
+            &(),
+            None,
+            &CommandMeta::system("audit-test"),
+        )
+        .await
+        .unwrap();
+    let h = audit::history(&db, "user", &late.to_string())
+        .await
+        .unwrap();
+    assert_eq!(h.len(), 2);
+    assert!(h.iter().all(|e| e.hash.is_some()), "{h:?}");
+    let r = verify(&db).await;
+    assert!(r.ok() && r.events == 5, "{r:?}");
 }
 
 on_both_backends!(

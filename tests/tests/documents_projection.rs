@@ -305,7 +305,11 @@ async fn failed_attempts_retry_then_dead_letter(w: World) {
     w.db.aggregates::<AiJob>()
         .execute(
             &job.to_string(),
-            AiJobCommand::Redrive { by: "ops".into() },
+            AiJobCommand::Redrive {
+                by: "ops".into(),
+                reason: "test".into(),
+                message: None,
+            },
             &(),
             None,
             &meta(),
@@ -458,7 +462,11 @@ async fn reapplying_or_rebuilding_gives_the_same_views(w: World) {
     w.db.aggregates::<AiJob>()
         .execute(
             &job.to_string(),
-            AiJobCommand::Redrive { by: "ops".into() },
+            AiJobCommand::Redrive {
+                by: "ops".into(),
+                reason: "test".into(),
+                message: None,
+            },
             &(),
             None,
             &meta(),

@@ -6,6 +6,7 @@
 //! `commands::documents`.
 
 pub mod analysis;
+pub mod dlq;
 pub mod isolate;
 pub mod notification;
 pub mod queue;

@@ -77,6 +77,21 @@ pub trait JobQueue: Send + Sync {
     async fn dead_letters(&self) -> Result<Vec<(String, String)>>;
 }
 
+/// The dead-letter queue as operators work it (`karmic dlq`): messages are taken (hidden
+/// from other takers for a while, each with a receipt), then removed or given back.
+#[async_trait::async_trait]
+pub trait DeadLetterQueue: Send + Sync {
+    /// Up to `max` (at most 10) messages, waiting up to `wait` for the first; each is
+    /// hidden from other takers for `hold`.
+    async fn take(&self, max: u32, wait: Duration, hold: Duration) -> Result<Vec<Received>>;
+    /// Make a taken message visible again now. `false`: the receipt is stale.
+    async fn untake(&self, receipt: &str) -> Result<bool>;
+    /// Delete a taken message. `false`: the receipt is stale.
+    async fn remove(&self, receipt: &str) -> Result<bool>;
+    /// About how many messages it holds, taken or not (for progress bars).
+    async fn approximate_len(&self) -> Result<u64>;
+}
+
 /// What a detached receive hands back: the messages, and its hold on the queue's
 /// `receiving` lock (released once they are handed over or given back).
 type Handover = (Result<Vec<Received>>, OwnedRwLockReadGuard<()>);
@@ -385,5 +400,86 @@ impl JobQueue for SqliteQueue {
         rows.iter()
             .map(|r| Ok((r.try_get("id")?, r.try_get("body")?)))
             .collect()
+    }
+}
+
+#[async_trait::async_trait]
+impl DeadLetterQueue for SqliteQueue {
+    async fn take(&self, max: u32, wait: Duration, hold: Duration) -> Result<Vec<Received>> {
+        let deadline = Instant::now() + wait;
+        loop {
+            let now = now_ms();
+            let rows = sqlx::query(
+                "UPDATE queue_messages
+                    SET receive_count = receive_count + 1,
+                        receipt = lower(hex(randomblob(16))), visible_at = ?3
+                  WHERE id IN (SELECT id FROM queue_messages
+                                WHERE queue = ?1 AND visible_at <= ?2
+                                ORDER BY sent_at, id LIMIT ?4)
+                 RETURNING id, body, receipt, receive_count, given_back, sent_at",
+            )
+            .bind(&self.dead_letter_name)
+            .bind(now)
+            .bind(now.saturating_add(ms(hold)))
+            .bind(i64::from(max.clamp(1, 10)))
+            .fetch_all(&self.pool)
+            .await
+            .context("taking from the dead-letter queue")?;
+            let mut out: Vec<(i64, Received)> = Vec::with_capacity(rows.len());
+            for row in rows {
+                let count: i64 = row.try_get("receive_count")?;
+                let given_back: i64 = row.try_get("given_back")?;
+                out.push((
+                    row.try_get("sent_at")?,
+                    Received {
+                        id: row.try_get("id")?,
+                        body: row.try_get("body")?,
+                        receipt: row.try_get("receipt")?,
+                        receive_count: u32::try_from(count).unwrap_or(u32::MAX),
+                        given_back: u32::try_from(given_back).unwrap_or(u32::MAX),
+                    },
+                ));
+            }
+            if !out.is_empty() || Instant::now() >= deadline {
+                out.sort_by_key(|(sent, _)| *sent);
+                return Ok(out.into_iter().map(|(_, r)| r).collect());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn untake(&self, receipt: &str) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE queue_messages SET visible_at = ?3, receipt = NULL
+              WHERE receipt = ?1 AND queue = ?2",
+        )
+        .bind(receipt)
+        .bind(&self.dead_letter_name)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await
+        .context("giving back a dead letter")?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn remove(&self, receipt: &str) -> Result<bool> {
+        let n = sqlx::query("DELETE FROM queue_messages WHERE receipt = ?1 AND queue = ?2")
+            .bind(receipt)
+            .bind(&self.dead_letter_name)
+            .execute(&self.pool)
+            .await
+            .context("removing a dead letter")?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    async fn approximate_len(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM queue_messages WHERE queue = ?1")
+            .bind(&self.dead_letter_name)
+            .fetch_one(&self.pool)
+            .await
+            .context("counting dead letters")?;
+        Ok(u64::try_from(n).unwrap_or_default())
     }
 }

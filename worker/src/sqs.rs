@@ -16,7 +16,7 @@ use aws_sdk_sqs::error::ProvideErrorMetadata;
 use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName};
 use secrecy::{ExposeSecret, SecretString};
 
-use crate::queue::{JobQueue, Received, Receiving};
+use crate::queue::{DeadLetterQueue, JobQueue, Received, Receiving};
 
 /// Where the queue is and how to reach it.
 #[derive(Debug, Clone)]
@@ -409,5 +409,90 @@ impl JobQueue for SqsQueue {
                 )
             })
             .collect())
+    }
+}
+
+#[async_trait::async_trait]
+impl DeadLetterQueue for SqsQueue {
+    async fn take(&self, max: u32, wait: Duration, hold: Duration) -> Result<Vec<Received>> {
+        let out = self
+            .client
+            .receive_message()
+            .queue_url(&self.dead_letter_url)
+            .max_number_of_messages(i32::try_from(max.clamp(1, 10)).unwrap_or(10))
+            .wait_time_seconds(secs(wait).min(20))
+            .visibility_timeout(secs(hold))
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .context("taking from the dead-letter queue")?;
+        Ok(out
+            .messages()
+            .iter()
+            .filter_map(|m| {
+                Some(Received {
+                    id: m.message_id()?.to_owned(),
+                    body: m.body().unwrap_or_default().to_owned(),
+                    receipt: m.receipt_handle()?.to_owned(),
+                    receive_count: m
+                        .attributes()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1),
+                    given_back: 0,
+                })
+            })
+            .collect())
+    }
+
+    async fn untake(&self, receipt: &str) -> Result<bool> {
+        match self
+            .client
+            .change_message_visibility()
+            .queue_url(&self.dead_letter_url)
+            .receipt_handle(receipt)
+            .visibility_timeout(0)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e) => Err(e).context("giving back a dead letter"),
+        }
+    }
+
+    async fn remove(&self, receipt: &str) -> Result<bool> {
+        match self
+            .client
+            .delete_message()
+            .queue_url(&self.dead_letter_url)
+            .receipt_handle(receipt)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if stale_receipt(&e) => Ok(false),
+            Err(e) => Err(e).context("removing a dead letter"),
+        }
+    }
+
+    async fn approximate_len(&self) -> Result<u64> {
+        let out = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&self.dead_letter_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .context("counting dead letters")?;
+        Ok(out
+            .attributes()
+            .map(|a| {
+                a.values()
+                    .filter_map(|v| v.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0))
     }
 }

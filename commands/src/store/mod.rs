@@ -709,6 +709,9 @@ pub(crate) enum Appended {
     Conflict,
     /// The guard did not hold; nothing written.
     Guarded,
+    /// The event this append follows has no hash yet (stored before the chain and not
+    /// chained yet); nothing written. The caller chains the aggregate and appends again.
+    Unchained,
 }
 
 /// How a decided command's events are appended.
@@ -787,7 +790,14 @@ impl<A: Aggregate> Append<A> for SqliteAppend<'_> {
     ) -> Result<Appended, StoreError> {
         let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
         let rows = new_events::<A>(&ctx.aggregate_id, ctx.current_sequence, &events, &metadata)?;
-        sqlite::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
+        match sqlite::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await? {
+            Appended::Unchained => {
+                let db = Database::Sqlite(self.0.clone());
+                crate::audit::chain_aggregate(&db, A::TYPE, &ctx.aggregate_id).await?;
+                sqlite::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
+            }
+            other => Ok(other),
+        }
     }
 }
 
@@ -806,7 +816,14 @@ impl<A: Aggregate> Append<A> for PgAppend<'_> {
     ) -> Result<Appended, StoreError> {
         let metadata = serde_json::to_value(&metadata).context("encoding event metadata")?;
         let rows = new_events::<A>(&ctx.aggregate_id, ctx.current_sequence, &events, &metadata)?;
-        postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
+        match postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await? {
+            Appended::Unchained => {
+                let db = Database::Postgres(self.0.clone());
+                crate::audit::chain_aggregate(&db, A::TYPE, &ctx.aggregate_id).await?;
+                postgres::append(self.0, A::TYPE, &ctx.aggregate_id, &rows, &metadata, guard).await
+            }
+            other => Ok(other),
+        }
     }
 }
 
@@ -867,7 +884,7 @@ where
             },
             after,
         )),
-        Appended::Conflict => Err(CommandError::Conflict),
+        Appended::Conflict | Appended::Unchained => Err(CommandError::Conflict),
         Appended::Guarded => Err(CommandError::Guarded(
             guard.map_or("a guard did not hold", |g| g.refusal),
         )),

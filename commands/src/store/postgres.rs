@@ -226,13 +226,14 @@ pub(super) async fn append(
                              payload, metadata, recorded_at, hash)
          SELECT $1, $2, v.sequence, v.event_type, v.event_version, v.payload, $3::json,
                 v.recorded_at, chain.hash
-           FROM v JOIN chain ON chain.n = v.n",
+           FROM v JOIN chain ON chain.n = v.n
+          WHERE chain.hash IS NOT NULL",
     );
     let next = 5 + rows.len() * 6;
     if guard.is_some() {
         let _ = write!(
             sql,
-            " WHERE NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ${}
+            " AND NOT EXISTS (SELECT 1 FROM events g WHERE g.aggregate_type = ${}
                  AND g.aggregate_id = ${} AND g.event_type = ${})",
             next,
             next + 1,
@@ -262,7 +263,26 @@ pub(super) async fn append(
             .bind(g.absent_event);
     }
     match q.fetch_all(pool).await {
-        Ok(done) if done.is_empty() => Ok(super::Appended::Guarded),
+        Ok(done) if done.is_empty() => {
+            // Nothing written: the guard, or no hash to chain on from (the event before was
+            // stored before the chain and not chained yet), or no event before at all.
+            let before: Option<Option<String>> = sqlx::query_scalar(
+                "SELECT hash FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+                    AND sequence = $3",
+            )
+            .bind(aggregate_type)
+            .bind(aggregate_id)
+            .bind(first.sequence - 1)
+            .fetch_optional(pool)
+            .await
+            .context("checking what an append follows")?;
+            Ok(match before {
+                Some(None) => super::Appended::Unchained,
+                None if first.sequence > 1 => super::Appended::Conflict,
+                _ if guard.is_some() => super::Appended::Guarded,
+                _ => super::Appended::Conflict,
+            })
+        }
         Ok(done) => {
             let mut last = Position::START;
             for r in &done {

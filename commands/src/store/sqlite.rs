@@ -159,10 +159,10 @@ pub(super) async fn append(
     let Some(first) = rows.first() else {
         return Ok(super::Appended::Done(None));
     };
-    let mut prev: Option<String> = if first.sequence == 1 {
-        Some(crate::chain::GENESIS.to_owned())
+    let mut prev: String = if first.sequence == 1 {
+        crate::chain::GENESIS.to_owned()
     } else {
-        sqlx::query_scalar::<_, Option<String>>(
+        let before = sqlx::query_scalar::<_, Option<String>>(
             "SELECT hash FROM events WHERE aggregate_type = ? AND aggregate_id = ? AND sequence = ?",
         )
         .bind(aggregate_type)
@@ -170,15 +170,19 @@ pub(super) async fn append(
         .bind(first.sequence - 1)
         .fetch_optional(pool)
         .await
-        .context("reading the hash the chain continues from")?
-        .flatten()
+        .context("reading the hash the chain continues from")?;
+        match before {
+            Some(Some(h)) => h,
+            // Stored before the chain and not chained yet.
+            Some(None) => return Ok(super::Appended::Unchained),
+            // The aggregate is not where the decision thought it was.
+            None => return Ok(super::Appended::Conflict),
+        }
     };
     let metadata = serde_json::to_string(metadata).context("encoding event metadata")?;
     let mut values = Vec::with_capacity(rows.len());
     for r in rows {
-        let hash = prev
-            .as_deref()
-            .map(|p| crate::chain::hash_canonical(p, &r.canonical));
+        let hash = crate::chain::hash_canonical(&prev, &r.canonical);
         let payload = serde_json::to_string(&r.payload).context("encoding an event")?;
         values.push((r, payload, hash.clone()));
         prev = hash;

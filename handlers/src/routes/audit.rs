@@ -145,7 +145,7 @@ pub async fn aggregate_history(
     redact(&mut snapshot);
     let events = history
         .iter()
-        .filter(|e| as_of.includes(&e.event))
+        .take_while(|e| as_of.includes(&e.event))
         .map(|e| {
             let line = e.export_line(true);
             let (event_version, mut payload) = match line.upcast {
