@@ -9,6 +9,8 @@ cargo run --release -p tests --bin bench
 cargo run --release -p tests --bin command_path
 # A burst of 1,000 sign-ins against a real `karmic serve` (load shedding, memory).
 cargo run --release -p tests --bin login_burst
+# The event history: export and verify on a million events against COPY (issue 10).
+cargo run --release -p tests --bin audit_bench
 # The document pipeline: worker throughput on 210 mixed files, upload-to-result latency,
 # memory (issue 9).
 cargo run --release -p tests --bin doc_bench

@@ -42,7 +42,7 @@ pub enum DlqCommand {
         #[arg(long)]
         dry_run: bool,
         /// Why (recorded in each JobRedriven event).
-        #[arg(long, default_value = "")]
+        #[arg(long)]
         reason: String,
         #[arg(long)]
         json: bool,
@@ -72,7 +72,8 @@ pub enum DlqCommand {
         max: Option<u64>,
         #[arg(long)]
         dry_run: bool,
-        #[arg(long, default_value = "")]
+        /// Why (recorded in each JobRedriven event).
+        #[arg(long)]
         reason: String,
         #[arg(long)]
         json: bool,
@@ -249,9 +250,7 @@ pub async fn run(dlq: &Dlq, command: DlqCommand) -> Result<()> {
             let r = dlq.redrive(&options, &move |n| b.set_position(n)).await?;
             bar.finish_and_clear();
             report(&mut out, &r, json)?;
-            if !options.jobs.is_empty() && r.redriven.is_empty() && r.dropped.is_empty() {
-                return Err(Failure::not_found("no dead letter for the job(s) named").into());
-            }
+            outcome_code(&options, &r)?;
         }
         DlqCommand::Purge { yes, json } => {
             let n = dlq.dead.approximate_len().await?;
@@ -262,15 +261,13 @@ pub async fn run(dlq: &Dlq, command: DlqCommand) -> Result<()> {
                     )
                     .into());
                 }
-                write!(
-                    out,
+                eprint!(
                     "Delete about {n} dead letter(s)? The jobs stay dead-lettered in the event store. [y/N] "
-                )?;
-                out.flush()?;
+                );
                 let mut answer = String::new();
                 std::io::stdin().read_line(&mut answer)?;
                 if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    writeln!(out, "nothing deleted")?;
+                    eprintln!("nothing deleted");
                     return Ok(());
                 }
             }
@@ -311,7 +308,28 @@ pub async fn run(dlq: &Dlq, command: DlqCommand) -> Result<()> {
                 .await?;
             bar.finish_and_clear();
             report(&mut out, &r, json)?;
+            outcome_code(&options, &r)?;
         }
+    }
+    Ok(())
+}
+
+/// 4 when jobs were named and none of them was found; 3 when something was left that
+/// needs an operator (see the notes); else success.
+fn outcome_code(options: &RedriveOptions, r: &RedriveReport) -> Result<()> {
+    if !options.jobs.is_empty()
+        && r.redriven.is_empty()
+        && r.dropped.is_empty()
+        && r.left.is_empty()
+    {
+        return Err(Failure::not_found("nothing found for the job(s) named").into());
+    }
+    if !r.left.is_empty() {
+        return Err(Failure::check(format!(
+            "{} dead letter(s) left (see the notes above)",
+            r.left.len()
+        ))
+        .into());
     }
     Ok(())
 }

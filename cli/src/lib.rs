@@ -317,7 +317,13 @@ async fn run(cli: Cli) -> Result<()> {
                 documents: rt.state.documents.clone(),
                 db: rt.state.db.clone(),
                 bucket: rt.settings.s3_bucket.clone(),
-                stale_after: rt.settings.worker_visibility,
+                // A live job writes an event at least every visibility timeout, and a
+                // message given back (store or bucket unreachable) waits up to 15 min a
+                // time, about 50 min in all, without one: an hour of quiet is a dead job.
+                stale_after: rt
+                    .settings
+                    .worker_visibility
+                    .max(std::time::Duration::from_secs(3600)),
             };
             let result = dlq::run(&dlq, command).await;
             if result.is_ok() {

@@ -479,6 +479,72 @@ async fn replay_from_events_reenqueues_what_the_queue_no_longer_holds(on_sqs: bo
     assert!(r.redriven.is_empty(), "{r:?}");
 }
 
+async fn several_copies_of_one_job_give_one_redrive(on_sqs: bool) {
+    let s = Setup::new(on_sqs).await;
+    let (job, body) = s.dead_letter().await;
+    s.put_in_dlq(&body).await;
+    let (other, _) = s.dead_letter().await;
+    let dlq = s.dlq(Duration::from_secs(600));
+    assert_eq!(dlq.list().await.unwrap().len(), 3);
+
+    // --max 1 with one job named: one redrive, the rest given back at once.
+    let mut one = options("first");
+    one.jobs = vec![job];
+    one.max = Some(1);
+    let r = dlq.redrive(&one, &|_| {}).await.unwrap();
+    assert_eq!(r.redriven.len(), 1, "{r:?}");
+    assert_eq!(dlq.list().await.unwrap().len(), 2, "nothing left hidden");
+    // The job's other copy, while the redrive's message waits to run: dropped, with no
+    // second event; the other job is redriven.
+    let r = dlq.redrive(&options("second"), &|_| {}).await.unwrap();
+    assert_eq!((r.redriven.len(), r.dropped.len()), (1, 1), "{r:?}");
+    assert_eq!(redrives(&s.events(job).await).len(), 1);
+    assert_eq!(redrives(&s.events(other).await).len(), 1);
+    assert_eq!(s.drain().await.len(), 2);
+
+    // Two copies in one run: one redrive, the second copy dropped.
+    let s = Setup::new(on_sqs).await;
+    let (job, body) = s.dead_letter().await;
+    s.put_in_dlq(&body).await;
+    let dlq = s.dlq(Duration::from_secs(600));
+    let r = dlq.redrive(&options("both"), &|_| {}).await.unwrap();
+    assert_eq!((r.redriven.len(), r.dropped.len()), (1, 1), "{r:?}");
+    assert_eq!(redrives(&s.events(job).await).len(), 1);
+    assert_eq!(s.drain().await, vec![body]);
+}
+
+async fn replay_finds_jobs_with_late_outcomes_and_honours_since(on_sqs: bool) {
+    let s = Setup::new(on_sqs).await;
+    let meta = CommandMeta::system("test");
+    // Attempt 1 timed out, attempt 2 failed for good, then attempt 1's failure arrived.
+    let (job, _) = s.job().await;
+    let before = chrono::Utc::now() - chrono::Duration::seconds(5);
+    s.documents.start_job(job, 1, "w1", &meta).await.unwrap();
+    s.documents.start_job(job, 2, "w2", &meta).await.unwrap();
+    assert!(
+        s.documents
+            .job_failed(job, 2, "corrupt", false, &meta)
+            .await
+            .unwrap()
+    );
+    s.documents
+        .job_failed(job, 1, "late", true, &meta)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.events(job).await.last(),
+        Some(AiJobEvent::LateOutcomeRecorded { .. })
+    ));
+    let dlq = s.dlq(Duration::from_secs(600));
+    let r = dlq
+        .replay_from_events(Some(before), &options("since"), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(r.redriven.len(), 1, "{r:?}");
+    assert_eq!(redrives(&s.events(job).await).len(), 1);
+    assert_eq!(s.drain().await.len(), 1);
+}
+
 macro_rules! on_both_queues {
     ($($name:ident),* $(,)?) => {
         mod embedded {
@@ -501,6 +567,8 @@ on_both_queues!(
     a_redrive_cut_short_is_finished_without_a_second_event_or_run,
     stale_copies_go_strangers_stay_and_missed_dead_letterings_are_recorded,
     replay_from_events_reenqueues_what_the_queue_no_longer_holds,
+    several_copies_of_one_job_give_one_redrive,
+    replay_finds_jobs_with_late_outcomes_and_honours_since,
 );
 
 /// `karmic dlq` end to end: tables and `--json`, `--dry-run`, exit codes, `purge --yes`,
@@ -562,7 +630,15 @@ async fn the_cli(on_sqs: bool) {
         "--all or --id is required: {out:?}"
     );
 
-    let out = karmic(&["dlq", "redrive", "--all", "--dry-run", "--json"]);
+    let out = karmic(&[
+        "dlq",
+        "redrive",
+        "--all",
+        "--dry-run",
+        "--json",
+        "--reason",
+        "x",
+    ]);
     let r: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         (
@@ -589,14 +665,27 @@ async fn the_cli(on_sqs: bool) {
             Some(list[0]["message_id"].as_str().unwrap().to_owned())
         )]
     );
-    let out = karmic(&["dlq", "redrive", "--id", &job.to_string()]);
+    let out = karmic(&[
+        "dlq",
+        "redrive",
+        "--id",
+        &job.to_string(),
+        "--reason",
+        "again",
+    ]);
     assert_eq!(
         out.status.code(),
         Some(4),
         "nothing left for that job: {out:?}"
     );
+    let out = karmic(&["dlq", "redrive", "--all"]);
+    assert_eq!(out.status.code(), Some(2), "--reason is required: {out:?}");
 
+    assert_eq!(s.drain().await.len(), 1, "the redriven job's message");
     s.put_in_dlq("garbage").await;
+    let out = karmic(&["dlq", "redrive", "--all", "--reason", "x"]);
+    assert_eq!(out.status.code(), Some(3), "a message was left: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 redriven, 0 dropped, 1 left"));
     let out = karmic(&["dlq", "purge"]);
     assert_eq!(out.status.code(), Some(2), "no terminal, no --yes: {out:?}");
     let out = karmic(&["dlq", "purge", "--yes", "--json"]);
@@ -605,7 +694,15 @@ async fn the_cli(on_sqs: bool) {
         serde_json::from_slice::<Value>(&out.stdout).unwrap()["deleted"],
         1
     );
-    let out = karmic(&["dlq", "replay", "--from-events", "--dry-run", "--json"]);
+    let out = karmic(&[
+        "dlq",
+        "replay",
+        "--from-events",
+        "--dry-run",
+        "--json",
+        "--reason",
+        "x",
+    ]);
     assert!(out.status.success(), "{out:?}");
 }
 

@@ -27,6 +27,10 @@ use crate::queue::{DeadLetterQueue, JobQueue, Received};
 /// How long a dead letter stays hidden from other takers while one command works on it.
 const HOLD: Duration = Duration::from_secs(300);
 
+/// Each take is a long poll this long: a short poll on SQS samples only some of its
+/// servers and can come back empty while messages wait.
+const TAKE_WAIT: Duration = Duration::from_secs(1);
+
 /// One dead letter as `dlq list` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Entry {
@@ -201,18 +205,18 @@ impl Dlq {
         }
     }
 
-    /// Take every message the dead-letter queue holds (each once).
+    /// Take every message the dead-letter queue holds (each once). On an error, what
+    /// was taken is given back.
     async fn take_all(&self) -> Result<Vec<Received>> {
         let mut seen = HashSet::new();
-        let mut all = Vec::new();
+        let mut all: Vec<Received> = Vec::new();
         loop {
-            let batch = self.dead.take(10, Duration::from_millis(500), HOLD).await?;
-            if batch.is_empty() {
-                return Ok(all);
-            }
-            for m in batch {
-                if seen.insert(m.id.clone()) {
-                    all.push(m);
+            match self.next_batch(&mut seen, &mut all).await {
+                Ok(Some(batch)) => all.extend(batch),
+                Ok(None) => return Ok(all),
+                Err(e) => {
+                    let _ = self.give_back(&all).await;
+                    return Err(e);
                 }
             }
         }
@@ -221,11 +225,11 @@ impl Dlq {
     /// Delete every dead letter; returns how many. `progress(done)` after each.
     pub async fn purge(&self, progress: &(dyn Fn(u64) + Sync)) -> Result<u64> {
         let mut n = 0;
+        let mut seen = HashSet::new();
         loop {
-            let batch = self.dead.take(10, Duration::from_millis(500), HOLD).await?;
-            if batch.is_empty() {
+            let Some(batch) = self.next_batch(&mut seen, &mut []).await? else {
                 return Ok(n);
-            }
+            };
             for m in batch {
                 if self.dead.remove(&m.receipt).await? {
                     n += 1;
@@ -249,11 +253,71 @@ impl Dlq {
     }
 
     /// Send dead letters round again (see the module documentation for the order of the
-    /// steps and why a rerun is safe). `progress(done)` after each message.
+    /// steps and why a rerun is safe). `progress(done)` after each message. Whatever
+    /// happens, every dead letter it took and did not remove is given back before it
+    /// returns.
     pub async fn redrive(
         &self,
         options: &RedriveOptions,
         progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<RedriveReport> {
+        let mut held: Vec<Received> = Vec::new();
+        let result = self.redrive_holding(options, progress, &mut held).await;
+        let given_back = self.give_back(&held).await;
+        let report = result?;
+        given_back?;
+        Ok(report)
+    }
+
+    /// Make every message in `held` visible again.
+    async fn give_back(&self, held: &[Received]) -> Result<()> {
+        let mut first_error = None;
+        for m in held {
+            if let Err(e) = self.dead.untake(&m.receipt).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Take the next batch, at least one long poll (a short poll on SQS samples only
+    /// some servers and may come back empty while messages wait); ends after two empty
+    /// takes in a row. A message seen before (its hold ran out during a long run) only
+    /// has its receipt renewed in `held`.
+    async fn next_batch(
+        &self,
+        seen: &mut HashSet<String>,
+        held: &mut [Received],
+    ) -> Result<Option<Vec<Received>>> {
+        let mut empty = 0;
+        loop {
+            let batch = self.dead.take(10, TAKE_WAIT, HOLD).await?;
+            if batch.is_empty() {
+                empty += 1;
+                if empty >= 2 {
+                    return Ok(None);
+                }
+                continue;
+            }
+            let mut fresh = Vec::new();
+            for m in batch {
+                if seen.insert(m.id.clone()) {
+                    fresh.push(m);
+                } else if let Some(h) = held.iter_mut().find(|h| h.id == m.id) {
+                    h.receipt = m.receipt;
+                }
+            }
+            if !fresh.is_empty() {
+                return Ok(Some(fresh));
+            }
+        }
+    }
+
+    async fn redrive_holding(
+        &self,
+        options: &RedriveOptions,
+        progress: &(dyn Fn(u64) + Sync),
+        held: &mut Vec<Received>,
     ) -> Result<RedriveReport> {
         let meta = CommandMeta::system("dlq");
         let mut report = RedriveReport {
@@ -262,31 +326,21 @@ impl Dlq {
         };
         let wanted: HashSet<String> = options.jobs.iter().map(JobId::to_string).collect();
         let mut seen = HashSet::new();
-        let mut skipped: Vec<Received> = Vec::new();
         let mut done_jobs: HashSet<JobId> = HashSet::new();
         let mut handled = 0u64;
-        'outer: loop {
-            let batch = self.dead.take(10, Duration::from_millis(500), HOLD).await?;
-            if batch.is_empty() {
-                break;
-            }
-            let mut batch = batch.into_iter();
-            while let Some(m) = batch.next() {
-                if !seen.insert(m.id.clone()) {
-                    continue;
-                }
+        while let Some(batch) = self.next_batch(&mut seen, held).await? {
+            for m in batch {
                 if options
                     .max
                     .is_some_and(|max| report.redriven.len() as u64 >= max)
                 {
-                    skipped.push(m);
-                    skipped.extend(batch);
-                    break 'outer;
+                    held.push(m);
+                    continue;
                 }
                 let r = self.resolve(&m.body).await?;
                 let job_id = r.job.map(|j| j.to_string());
                 if !wanted.is_empty() && !job_id.as_ref().is_some_and(|j| wanted.contains(j)) {
-                    skipped.push(m);
+                    held.push(m);
                     continue;
                 }
                 let outcome = |note: &str| Outcome {
@@ -299,61 +353,27 @@ impl Dlq {
                         "{} (`dlq purge` removes it)",
                         r.note.as_deref().unwrap_or("not a job's message")
                     )));
-                    skipped.push(m);
+                    held.push(m);
                     continue;
                 };
                 let state = self.documents.job(job).await?.state;
-                let action = if done_jobs.contains(&job) {
-                    Action::Drop("a second copy of a job redriven in this run")
-                } else {
-                    match state.status {
-                        JobStatus::None => Action::Leave("no such job in the event store"),
-                        JobStatus::Succeeded => Action::Drop("the job succeeded: a stale copy"),
-                        JobStatus::DeadLettered => Action::Redrive,
-                        _ if state.redriven_from.as_deref() == Some(m.id.as_str()) => {
-                            if state.attempt > state.attempt_base {
-                                // An attempt started after the redrive: its send went
-                                // through; only the delete was cut off.
-                                Action::Drop("redriven before; the job has started since")
-                            } else {
-                                Action::Resend
-                            }
-                        }
-                        _ => {
-                            let last = self.times(job).await?.1;
-                            let quiet = last.is_none_or(|t| {
-                                Utc::now()
-                                    .signed_duration_since(t)
-                                    .to_std()
-                                    .unwrap_or_default()
-                                    >= self.stale_after
-                            });
-                            if quiet {
-                                Action::RecordThenRedrive
-                            } else {
-                                Action::Leave(
-                                    "the job is running or queued now; not dead-lettered in the \
-                                     event store (try again later)",
-                                )
-                            }
-                        }
-                    }
-                };
+                let action = self.action(&m, job, &state, &done_jobs).await?;
                 if options.dry_run {
                     match action {
                         Action::Redrive | Action::RecordThenRedrive | Action::Resend => {
+                            done_jobs.insert(job);
                             report.redriven.push(outcome("would be redriven"))
                         }
                         Action::Drop(why) => report.dropped.push(outcome(why)),
                         Action::Leave(why) => report.left.push(outcome(why)),
                     }
-                    skipped.push(m);
+                    held.push(m);
                     continue;
                 }
                 match action {
                     Action::Leave(why) => {
                         report.left.push(outcome(why));
-                        skipped.push(m);
+                        held.push(m);
                         continue;
                     }
                     Action::Drop(why) => {
@@ -361,43 +381,129 @@ impl Dlq {
                         report.dropped.push(outcome(why));
                     }
                     Action::Redrive | Action::RecordThenRedrive | Action::Resend => {
-                        if matches!(action, Action::RecordThenRedrive) {
-                            self.documents
-                                .record_dead_lettered(
-                                    job,
-                                    "found in the dead-letter queue with no outcome recorded",
-                                    &meta,
-                                )
-                                .await
-                                .context("recording the dead-lettering")?;
+                        match self.redrive_one(job, &m, &action, options, &meta).await {
+                            Ok(()) => {
+                                done_jobs.insert(job);
+                                report.redriven.push(outcome(match action {
+                                    Action::Resend => "redriven (finishing a redrive cut short)",
+                                    Action::RecordThenRedrive => {
+                                        "dead-lettering recorded, then redriven"
+                                    }
+                                    _ => "redriven",
+                                }));
+                            }
+                            Err(OneFailed::Refused(why)) => {
+                                // The job moved on between the look and the command
+                                // (another operator, a worker): nothing was sent.
+                                report.left.push(outcome(&why));
+                                held.push(m);
+                                continue;
+                            }
+                            Err(OneFailed::Failed(e)) => {
+                                // Given back with the rest: the next run finishes it.
+                                held.push(m);
+                                return Err(e);
+                            }
                         }
-                        if !matches!(action, Action::Resend) {
-                            self.documents
-                                .redrive_job(job, &options.by, &options.reason, Some(&m.id), &meta)
-                                .await
-                                .context("recording the redrive")?;
-                        }
-                        self.queue
-                            .send(&m.body)
-                            .await
-                            .context("sending the job round again")?;
-                        self.dead.remove(&m.receipt).await?;
-                        done_jobs.insert(job);
-                        report.redriven.push(outcome(match action {
-                            Action::Resend => "redriven (finishing a redrive cut short)",
-                            Action::RecordThenRedrive => "dead-lettering recorded, then redriven",
-                            _ => "redriven",
-                        }));
                     }
                 }
                 handled += 1;
                 progress(handled);
             }
         }
-        for m in &skipped {
-            self.dead.untake(&m.receipt).await?;
-        }
         Ok(report)
+    }
+
+    /// What to do with dead letter `m` of `job`.
+    async fn action(
+        &self,
+        m: &Received,
+        job: JobId,
+        state: &domain::AiJob,
+        done_jobs: &HashSet<JobId>,
+    ) -> Result<Action> {
+        Ok(match state.status {
+            // Dead-lettered again after this run redrove it: a new failure, for a later
+            // redrive.
+            JobStatus::DeadLettered if done_jobs.contains(&job) => {
+                Action::Leave("dead-lettered again since this run redrove it")
+            }
+            _ if done_jobs.contains(&job) => {
+                Action::Drop("a second copy of a job redriven in this run")
+            }
+            JobStatus::None => Action::Leave("no such job in the event store"),
+            JobStatus::Succeeded => Action::Drop("the job succeeded: a stale copy"),
+            JobStatus::DeadLettered => Action::Redrive,
+            _ if state.redriven_from.as_deref() == Some(m.id.as_str()) => {
+                if state.attempt > state.attempt_base {
+                    // An attempt started after the redrive: its send went through; only
+                    // the delete was cut off.
+                    Action::Drop("redriven before; the job has started since")
+                } else {
+                    Action::Resend
+                }
+            }
+            JobStatus::Queued if state.redrives > 0 && state.attempt == state.attempt_base => {
+                Action::Drop(
+                    "a copy of a job already redriven and waiting to run (if its message was \
+                     lost, `dlq replay --from-events` sends it again)",
+                )
+            }
+            _ => {
+                let last = self.times(job).await?.1;
+                let quiet = last.is_none_or(|t| {
+                    Utc::now()
+                        .signed_duration_since(t)
+                        .to_std()
+                        .unwrap_or_default()
+                        >= self.stale_after
+                });
+                if quiet {
+                    Action::RecordThenRedrive
+                } else {
+                    Action::Leave(
+                        "the job is running or queued now; not dead-lettered in the event \
+                         store (try again later)",
+                    )
+                }
+            }
+        })
+    }
+
+    /// The redrive of one dead letter: event(s) first, then the send, then the delete.
+    async fn redrive_one(
+        &self,
+        job: JobId,
+        m: &Received,
+        action: &Action,
+        options: &RedriveOptions,
+        meta: &CommandMeta,
+    ) -> std::result::Result<(), OneFailed> {
+        if matches!(action, Action::RecordThenRedrive) {
+            self.documents
+                .record_dead_lettered(
+                    job,
+                    "found in the dead-letter queue with no outcome recorded",
+                    meta,
+                )
+                .await
+                .map_err(|e| refused("recording the dead-lettering", e))?;
+        }
+        if !matches!(action, Action::Resend) {
+            self.documents
+                .redrive_job(job, &options.by, &options.reason, Some(&m.id), meta)
+                .await
+                .map_err(|e| refused("recording the redrive", e))?;
+        }
+        self.queue
+            .send(&m.body)
+            .await
+            .map_err(|e| OneFailed::Failed(e.context("sending the job round again")))?;
+        self.dead
+            .remove(&m.receipt)
+            .await
+            .map_err(|e| OneFailed::Failed(e.context("deleting the dead letter")))?;
+        Ok(())
     }
 
     /// Re-enqueue every job whose history ends dead-lettered (recorded at or after
@@ -443,8 +549,10 @@ impl Dlq {
                     .push(outcome("the job has no object to analyse"));
                 continue;
             };
+            // Redriven (from events or a dead letter) and never started since: the send
+            // may not have happened (a replay or redrive cut short, its dead letter gone).
             let resend = state.status == JobStatus::Queued
-                && state.redriven_from.is_none()
+                && state.redrives > 0
                 && state.attempt == state.attempt_base;
             if state.status != JobStatus::DeadLettered && !resend {
                 report
@@ -478,6 +586,20 @@ impl Dlq {
     }
 }
 
+/// How one dead letter's redrive failed: refused by the job (it moved on: the message is
+/// left for the operator), or the store or a queue failed (the run stops).
+enum OneFailed {
+    Refused(String),
+    Failed(anyhow::Error),
+}
+
+fn refused(what: &str, e: commands::CommandError<domain::AiJobError>) -> OneFailed {
+    match e {
+        commands::CommandError::Rejected(why) => OneFailed::Refused(format!("{what}: {why}")),
+        other => OneFailed::Failed(anyhow::Error::new(other).context(what.to_owned())),
+    }
+}
+
 enum Action {
     Redrive,
     RecordThenRedrive,
@@ -486,8 +608,8 @@ enum Action {
     Leave(&'static str),
 }
 
-/// Jobs whose last event is `JobDeadLettered` (recorded at or after `since`), or a
-/// `JobRedriven` from no dead letter (a replay from events) that no attempt followed.
+/// Jobs whose last event (late outcomes aside) is `JobDeadLettered` (recorded at or after
+/// `since`) or `JobRedriven` (a redrive or replay that no attempt followed).
 async fn dead_or_replayed_jobs(db: &Database, since: Option<DateTime<Utc>>) -> Result<Vec<String>> {
     // (Postgres's timestamps start in 4713 BC: the epoch stands for "ever".)
     let since = since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH);
@@ -496,7 +618,9 @@ async fn dead_or_replayed_jobs(db: &Database, since: Option<DateTime<Utc>>) -> R
                   AND e.event_type IN ('JobDeadLettered', 'JobRedriven')
                   AND e.sequence = (SELECT max(m.sequence) FROM events m
                                      WHERE m.aggregate_type = 'ai_job'
-                                       AND m.aggregate_id = e.aggregate_id)";
+                                       AND m.aggregate_id = e.aggregate_id
+                                       -- recorded after the end, changes nothing
+                                       AND m.event_type <> 'LateOutcomeRecorded')";
     let rows: Vec<(String,)> = match db {
         Database::Postgres(p) => {
             sqlx::query_as(&format!(
