@@ -261,8 +261,53 @@ impl Dlq {
         options: &RedriveOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<RedriveReport> {
+        let bulk = options.jobs.is_empty() && options.max.is_none() && !options.dry_run;
+        if !bulk {
+            return self.pass(options, progress, Send::Now).await;
+        }
+        // Everything: record every redrive first, then let SQS move the dead letters back
+        // in bulk (StartMessageMoveTask) where it can; where it cannot (the embedded
+        // queue, an endpoint without the API), or when a dead letter must stay, a second
+        // pass sends each recorded one (no new events: each job knows its dead letter).
+        let recorded = self.pass(options, progress, Send::Later).await?;
+        if recorded.left.is_empty()
+            && !recorded.redriven.is_empty()
+            && let Some(task) = self.dead.move_all_back().await?
+        {
+            let mut r = recorded;
+            for o in &mut r.redriven {
+                o.note = format!("{}; moved back by SQS StartMessageMoveTask {task}", o.note);
+            }
+            return Ok(r);
+        }
+        let mut sent = self.pass(options, progress, Send::Now).await?;
+        for o in &mut sent.redriven {
+            if let Some(first) = recorded
+                .redriven
+                .iter()
+                .find(|r| r.message_id == o.message_id)
+            {
+                o.note.clone_from(&first.note);
+            }
+        }
+        let mut dropped = recorded.dropped;
+        dropped.append(&mut sent.dropped);
+        sent.dropped = dropped;
+        Ok(sent)
+    }
+
+    /// One pass over the dead-letter queue; every message taken and not removed is given
+    /// back at the end, whatever happened.
+    async fn pass(
+        &self,
+        options: &RedriveOptions,
+        progress: &(dyn Fn(u64) + Sync),
+        send: Send,
+    ) -> Result<RedriveReport> {
         let mut held: Vec<Received> = Vec::new();
-        let result = self.redrive_holding(options, progress, &mut held).await;
+        let result = self
+            .redrive_holding(options, progress, &mut held, send)
+            .await;
         let given_back = self.give_back(&held).await;
         let report = result?;
         given_back?;
@@ -318,6 +363,7 @@ impl Dlq {
         options: &RedriveOptions,
         progress: &(dyn Fn(u64) + Sync),
         held: &mut Vec<Received>,
+        send: Send,
     ) -> Result<RedriveReport> {
         let meta = CommandMeta::system("dlq");
         let mut report = RedriveReport {
@@ -381,9 +427,15 @@ impl Dlq {
                         report.dropped.push(outcome(why));
                     }
                     Action::Redrive | Action::RecordThenRedrive | Action::Resend => {
-                        match self.redrive_one(job, &m, &action, options, &meta).await {
+                        match self
+                            .redrive_one(job, &m, &action, options, &meta, send)
+                            .await
+                        {
                             Ok(()) => {
                                 done_jobs.insert(job);
+                                if send == Send::Later {
+                                    held.push(m.clone());
+                                }
                                 report.redriven.push(outcome(match action {
                                     Action::Resend => "redriven (finishing a redrive cut short)",
                                     Action::RecordThenRedrive => {
@@ -478,6 +530,7 @@ impl Dlq {
         action: &Action,
         options: &RedriveOptions,
         meta: &CommandMeta,
+        send: Send,
     ) -> std::result::Result<(), OneFailed> {
         if matches!(action, Action::RecordThenRedrive) {
             self.documents
@@ -494,6 +547,9 @@ impl Dlq {
                 .redrive_job(job, &options.by, &options.reason, Some(&m.id), meta)
                 .await
                 .map_err(|e| refused("recording the redrive", e))?;
+        }
+        if send == Send::Later {
+            return Ok(());
         }
         self.queue
             .send(&m.body)
@@ -598,6 +654,13 @@ fn refused(what: &str, e: commands::CommandError<domain::AiJobError>) -> OneFail
         commands::CommandError::Rejected(why) => OneFailed::Refused(format!("{what}: {why}")),
         other => OneFailed::Failed(anyhow::Error::new(other).context(what.to_owned())),
     }
+}
+
+/// Whether a pass sends what it redrives, or only records it (the bulk move follows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Send {
+    Now,
+    Later,
 }
 
 enum Action {

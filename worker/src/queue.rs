@@ -90,6 +90,13 @@ pub trait DeadLetterQueue: Send + Sync {
     async fn remove(&self, receipt: &str) -> Result<bool>;
     /// About how many messages it holds, taken or not (for progress bars).
     async fn approximate_len(&self) -> Result<u64>;
+    /// Have the queue service move every dead letter back to the job queue itself (SQS
+    /// `StartMessageMoveTask`); the task's handle, or `None` where it cannot (the
+    /// embedded queue, an endpoint without the API): the caller then moves them one by
+    /// one.
+    async fn move_all_back(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
 
 /// What a detached receive hands back: the messages, and its hold on the queue's

@@ -476,6 +476,32 @@ impl DeadLetterQueue for SqsQueue {
         }
     }
 
+    /// `StartMessageMoveTask` from the dead-letter queue to the job queue. Any refusal
+    /// (moto and other stand-ins lack the API; a task may already be running) falls back
+    /// to the caller's message-by-message move, which is always correct.
+    async fn move_all_back(&self) -> Result<Option<String>> {
+        let source = queue_arn(&self.client, &self.dead_letter_url).await?;
+        let destination = queue_arn(&self.client, &self.queue_url).await?;
+        match self
+            .client
+            .start_message_move_task()
+            .source_arn(source)
+            .destination_arn(destination)
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.task_handle().unwrap_or_default().to_owned())),
+            Err(e) => {
+                tracing::info!(
+                    code = e.code().unwrap_or("-"),
+                    error = %aws_sdk_sqs::error::DisplayErrorContext(&e),
+                    "no message move task; moving dead letters one by one"
+                );
+                Ok(None)
+            }
+        }
+    }
+
     async fn approximate_len(&self) -> Result<u64> {
         let out = self
             .client
@@ -495,4 +521,18 @@ impl DeadLetterQueue for SqsQueue {
             })
             .unwrap_or(0))
     }
+}
+
+/// A queue's ARN.
+async fn queue_arn(client: &Client, url: &str) -> Result<String> {
+    client
+        .get_queue_attributes()
+        .queue_url(url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .with_context(|| format!("reading the ARN of {url}"))?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .ok_or_else(|| anyhow!("no ARN for {url}"))
 }
