@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, anyhow};
+use commands::documents::Documents;
 use handlers::{Application, Runtime, Settings};
+use projections::Nudging;
 use storage::embedded::{EmbeddedS3, ObjectCreatedSink};
 use tokio::sync::watch;
 use worker::queue::{DeadLetterQueue, JobQueue, SqliteQueue};
@@ -100,12 +102,20 @@ pub fn worker(rt: &Runtime, queue: Arc<dyn JobQueue>) -> Result<Worker> {
     let defaults = WorkerSettings::default();
     Ok(Worker {
         queue,
-        documents: rt.state.documents.clone(),
+        // Nobody waits on the worker's commits: the projector's loop in this process
+        // projects them in batches instead of a pass after each of them.
+        documents: Documents::new(
+            &rt.state.db,
+            Arc::new(Nudging(rt.projector.clone())),
+            s.job_max_attempts,
+        ),
         objects: rt.state.objects.clone(),
         analyzer: Arc::new(analyzer(s)?),
         settings: WorkerSettings {
             worker_id: s.worker_id.clone().unwrap_or(defaults.worker_id),
-            concurrency: s.worker_concurrency.unwrap_or(defaults.concurrency),
+            concurrency: s
+                .worker_concurrency
+                .unwrap_or_else(|| worker::run::default_concurrency(s.analyzer_memory_mb << 20)),
             wait: s.worker_wait,
             visibility: s.worker_visibility,
             heartbeat: s.worker_heartbeat,
@@ -279,12 +289,13 @@ pub async fn run_worker(mut settings: Settings) -> Result<()> {
     let rt = Runtime::build(settings).await?;
     let queue = job_queue(&rt).await?;
     let w = worker(&rt, queue)?;
-    let (tx, rx) = watch::channel(false);
-    let mut rx_proj = rx.clone();
+    let (tx, mut rx_worker) = watch::channel(false);
+    // The projector loop stops only once the worker has: the worker's commits nudge it
+    // (`Nudging`), and those of its last jobs must not find it gone.
+    let (stop_projector, mut rx_proj) = watch::channel(false);
     let projector = tokio::spawn(rt.projector.clone().run(async move {
         let _ = rx_proj.wait_for(|s| *s).await;
     }));
-    let mut rx_worker = rx;
     tokio::spawn(async move {
         handlers::app::shutdown_signal().await;
         let _ = tx.send(true);
@@ -294,6 +305,15 @@ pub async fn run_worker(mut settings: Settings) -> Result<()> {
             let _ = rx_worker.wait_for(|s| *s).await;
         })
         .await;
+    let _ = stop_projector.send(true);
     let _ = projector.await;
+    // A nudge that came as the loop stopped: one last pass, bounded.
+    if let Err(e) = tokio::time::timeout(std::time::Duration::from_secs(5), rt.projector.catch_up())
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r.map(drop))
+    {
+        tracing::warn!(error = %format!("{e:#}"), "read models left behind at exit; the next projector pass catches up");
+    }
     result
 }

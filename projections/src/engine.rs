@@ -541,6 +541,27 @@ impl Inner {
     }
 }
 
+/// An [`AfterCommit`] for writers nobody waits on (the worker): with a background loop in
+/// this process, a nudge to it and no wait, so a burst of commits is projected in batches
+/// rather than one pass per commit; without one (nothing else would project here), the
+/// projector's own read-your-writes pass.
+#[derive(Clone)]
+pub struct Nudging(pub Projector);
+
+#[async_trait::async_trait]
+impl AfterCommit for Nudging {
+    async fn committed(&self, written: &Written) {
+        if written.is_empty() {
+            return;
+        }
+        if self.0.inner.background.load(Ordering::SeqCst) {
+            self.0.nudge();
+        } else {
+            self.0.committed(written).await;
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl AfterCommit for Projector {
     /// Catch up before the response goes out, but never wait past the configured timeout:

@@ -22,5 +22,5 @@ pub use documents::{
     DocumentState, DocumentStore, DocumentView, DocumentsProjection, JobState, JobView,
     MongoDocuments, SqlDocuments,
 };
-pub use engine::{Projection, Projector, ProjectorSettings};
+pub use engine::{Nudging, Projection, Projector, ProjectorSettings};
 pub use read_models::{ProfileView, ReadModels, UserView};

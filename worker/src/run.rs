@@ -53,7 +53,7 @@ impl Default for WorkerSettings {
     fn default() -> Self {
         WorkerSettings {
             worker_id: default_worker_id(),
-            concurrency: std::thread::available_parallelism().map_or(2, usize::from),
+            concurrency: default_concurrency(crate::isolate::DEFAULT_MEMORY_BYTES),
             wait: Duration::from_secs(20),
             visibility: Duration::from_secs(600),
             heartbeat: Duration::from_secs(60),
@@ -62,6 +62,81 @@ impl Default for WorkerSettings {
             retry_delay: Duration::from_secs(5),
         }
     }
+}
+
+/// Messages in flight unless configured: two per CPU, since a slot's analysis child uses
+/// a CPU while other slots' commits and object reads wait on the disk and the network (on
+/// 2 cores, 2 slots kept the CPUs about 76 % busy and handled 16 documents/s; 3 and 4
+/// slots, 23.5 and 25.3/s: docs/benchmarks.md); but no more than the memory this process
+/// may use holds with every child at its address-space limit (`child_memory_bytes`,
+/// `KARMIC_ANALYZER_MEMORY_MB`) beside [`WORKER_RESERVE_BYTES`] for the worker itself.
+/// Never below one.
+pub fn default_concurrency(child_memory_bytes: u64) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    concurrency_for(cpus, memory_limit_bytes(), child_memory_bytes)
+}
+
+/// Memory kept for the worker process itself when sizing the default concurrency.
+pub const WORKER_RESERVE_BYTES: u64 = 512 << 20;
+
+fn concurrency_for(cpus: usize, memory: Option<u64>, child_memory_bytes: u64) -> usize {
+    let by_cpu = 2 * cpus.max(1);
+    let by_memory = memory.map(|m| {
+        usize::try_from(m.saturating_sub(WORKER_RESERVE_BYTES) / child_memory_bytes.max(1))
+            .unwrap_or(usize::MAX)
+    });
+    by_memory.map_or(by_cpu, |m| by_cpu.min(m)).max(1)
+}
+
+/// The memory this process may use: the machine's (`MemTotal`), or the lowest limit of
+/// its cgroup and the cgroups above it when lower (a container, a systemd `MemoryMax=`;
+/// cgroup v2, or v1's `memory.limit_in_bytes`).
+fn memory_limit_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)?;
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    Some(cgroup_limits(&cgroups, |path| std::fs::read_to_string(path).ok()).fold(total, u64::min))
+}
+
+/// The memory limits on the way from this process's cgroup (as `/proc/self/cgroup`
+/// names it) up to the root, read with `read`; "max" and unreadable files are no limit.
+fn cgroup_limits<'a>(
+    proc_self_cgroup: &'a str,
+    read: impl Fn(&str) -> Option<String> + 'a,
+) -> impl Iterator<Item = u64> + 'a {
+    proc_self_cgroup.lines().flat_map(move |line| {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let file = match controllers {
+            // v2: the unified hierarchy.
+            Some("") => Some(("/sys/fs/cgroup", "memory.max")),
+            // v1: the memory controller's own hierarchy.
+            Some(c) if c.split(',').any(|c| c == "memory") => {
+                Some(("/sys/fs/cgroup/memory", "memory.limit_in_bytes"))
+            }
+            _ => None,
+        };
+        let mut found = Vec::new();
+        if let (Some((root, name)), Some(path)) = (file, path) {
+            let mut dir = path.trim_end_matches('/').to_owned();
+            loop {
+                if let Some(limit) =
+                    read(&format!("{root}{dir}/{name}")).and_then(|v| v.trim().parse().ok())
+                {
+                    found.push(limit);
+                }
+                match dir.rfind('/') {
+                    Some(i) => dir.truncate(i),
+                    None => break,
+                }
+            }
+        }
+        found
+    })
 }
 
 /// `host:pid`, unique among live workers.
@@ -542,5 +617,47 @@ impl Worker {
                 })
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_concurrency_is_two_per_cpu_within_memory() {
+        const GIB: u64 = 1 << 30;
+        // Plenty of memory: two slots per CPU.
+        assert_eq!(concurrency_for(2, Some(24 * GIB), GIB), 4);
+        assert_eq!(concurrency_for(2, None, GIB), 4);
+        // A 4 GiB host with 1 GiB children: three, after the worker's own reserve.
+        assert_eq!(concurrency_for(2, Some(4 * GIB), GIB), 3);
+        assert_eq!(concurrency_for(8, Some(4 * GIB), 256 << 20), 14);
+        // Never none, however little memory.
+        assert_eq!(concurrency_for(2, Some(GIB / 2), GIB), 1);
+        assert_eq!(concurrency_for(0, None, GIB), 2);
+    }
+
+    #[test]
+    fn the_memory_limit_is_the_lowest_on_the_way_up_the_cgroups() {
+        let files = |path: &str| -> Option<String> {
+            match path {
+                "/sys/fs/cgroup/system.slice/memory.max" => Some("3221225472\n".into()),
+                "/sys/fs/cgroup/system.slice/karmic-worker.service/memory.max" => {
+                    Some("max\n".into())
+                }
+                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes" => {
+                    Some("1073741824\n".into())
+                }
+                _ => None,
+            }
+        };
+        let v2: Vec<u64> =
+            cgroup_limits("0::/system.slice/karmic-worker.service\n", files).collect();
+        assert_eq!(v2, vec![3 << 30]);
+        let v1: Vec<u64> =
+            cgroup_limits("12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n", files).collect();
+        assert_eq!(v1, vec![1 << 30]);
+        assert_eq!(cgroup_limits("", files).count(), 0);
     }
 }

@@ -4,8 +4,8 @@
 //! * worker throughput (documents/s) on a mixed corpus of ≥ 200 files up to 1 MB: every
 //!   upload is made and notified first, then a worker (embedded queue, isolated analysis,
 //!   events, projections) is started and timed until every job has succeeded. Baseline:
-//!   the same analyses in this process with no isolation, queue or events, on as many
-//!   threads as the worker has slots;
+//!   the same analyses in this process with no isolation, queue or events, one thread per
+//!   CPU;
 //! * end-to-end latency from the end of the PUT to the result being visible through
 //!   `GET /documents/{id}` (p50, p99), one upload at a time, in the embedded default.
 //!   Baseline: the isolated analysis alone for the same file;
@@ -160,20 +160,23 @@ fn analyzer_program() -> std::path::PathBuf {
 async fn main() {
     let files = corpus();
     let total_bytes: usize = files.iter().map(|f| f.2.len()).sum();
-    let slots = std::thread::available_parallelism().map_or(2, usize::from);
+    let cpus = std::thread::available_parallelism().map_or(2, usize::from);
+    let slots = std::env::var("KARMIC_WORKER_CONCURRENCY")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| worker::run::default_concurrency(worker::isolate::DEFAULT_MEMORY_BYTES));
     println!(
-        "corpus: {} files, {:.1} MB, largest {} KB; {} worker slots",
+        "corpus: {} files, {:.1} MB, largest {} KB; {slots} worker slots on {cpus} CPUs",
         files.len(),
         total_bytes as f64 / 1e6,
         files.iter().map(|f| f.2.len()).max().unwrap() / 1000,
-        slots
     );
 
-    // Baseline: the analyses alone, in this process, on `slots` threads.
+    // Baseline: the analyses alone, in this process, one thread per CPU.
     let shared = Arc::new(files.clone());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let threads: Vec<_> = (0..slots)
+    let threads: Vec<_> = (0..cpus)
         .map(|_| {
             let (shared, next) = (shared.clone(), next.clone());
             std::thread::spawn(move || {
@@ -247,6 +250,12 @@ async fn main() {
 
     // The worker, timed from its start until every job has succeeded.
     let rt = handlers::Runtime::build(settings.clone()).await.unwrap();
+    // As `karmic worker` runs: with its own projector loop, which projects the worker's
+    // commits in batches.
+    let (pstop_tx, pstop_rx) = tokio::sync::oneshot::channel::<()>();
+    let ptask = tokio::spawn(rt.projector.clone().run(async {
+        let _ = pstop_rx.await;
+    }));
     let w = cli::system::worker(&rt, queue.clone()).unwrap();
     let (wstop_tx, wstop_rx) = tokio::sync::oneshot::channel::<()>();
     let started = Instant::now();
@@ -370,6 +379,8 @@ async fn main() {
             children_max_rss_kb() / 1024
         ),
     }
+    let _ = pstop_tx.send(());
+    ptask.await.unwrap();
     let _ = stop_tx.send(());
     sys_task.await.unwrap().unwrap();
 }
