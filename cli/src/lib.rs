@@ -271,8 +271,10 @@ async fn run(cli: Cli) -> Result<()> {
         std::io::stdout().write_all(handlers::openapi::document().as_bytes())?;
         return Ok(());
     }
-    let settings = Settings::load()?;
+    let mut settings = Settings::load()?;
     handlers::telemetry::init(settings.log_format);
+    // On a worker host in AWS, secrets come from Secrets Manager (KARMIC_*_SECRET_ARN).
+    settings.resolve_secrets().await?;
     tracing::info!(config = %settings.redacted_summary(), "configuration");
     match cli.command {
         Command::Serve => {

@@ -155,13 +155,30 @@ pub fn router(state: AppState, service: Service, settings: &Settings) -> Router 
                 .get(&REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-");
-            tracing::info_span!(
+            let span = tracing::info_span!(
                 "request",
                 method = %req.method(),
                 path = %req.uri().path(),
                 request_id,
                 user_id = tracing::field::Empty,
-            )
+                trace_id = tracing::field::Empty,
+                aws_request_id = tracing::field::Empty,
+            );
+            // In Lambda: the invocation's X-Ray trace id (API Gateway's `X-Amzn-Trace-Id`
+            // otherwise), so that a log line leads to its trace, and the invocation's id.
+            let lambda = req.extensions().get::<lambda_http::Context>();
+            let trace_id = lambda.and_then(|c| c.xray_trace_id.as_deref()).or_else(|| {
+                req.headers()
+                    .get("x-amzn-trace-id")
+                    .and_then(|v| v.to_str().ok())
+            });
+            if let Some(id) = trace_id {
+                span.record("trace_id", id);
+            }
+            if let Some(c) = lambda.filter(|c| !c.request_id.is_empty()) {
+                span.record("aws_request_id", c.request_id.as_str());
+            }
+            span
         }))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID.clone()))
         .layer(SetRequestIdLayer::new(REQUEST_ID.clone(), MakeRequestUuid))

@@ -111,6 +111,11 @@ pub struct Settings {
     /// `KARMIC_DATA_DIR/s3-credentials` (never from the environment, and never handed to
     /// SQS).
     pub s3_credentials: Option<(String, SecretString)>,
+    /// Secrets Manager secrets to read at start-up instead of values in the environment
+    /// (`KARMIC_*_SECRET_ARN`; see `crate::secrets`).
+    pub secret_arns: SecretArns,
+    /// The Secrets Manager endpoint (`KARMIC_SECRETS_ENDPOINT`); unset: AWS's.
+    pub secrets_endpoint: Option<String>,
     /// The SQS endpoint (`KARMIC_SQS_ENDPOINT`); unset: AWS's.
     pub sqs_endpoint: Option<String>,
     /// The queue of storage notifications (`KARMIC_SQS_QUEUE_URL`); unset: the embedded
@@ -123,7 +128,8 @@ pub struct Settings {
     pub job_max_attempts: u32,
     /// `KARMIC_WORKER_ID` (default `host:pid`).
     pub worker_id: Option<String>,
-    /// Messages a worker handles at once (`KARMIC_WORKER_CONCURRENCY`, the CPU count).
+    /// Messages a worker handles at once (`KARMIC_WORKER_CONCURRENCY`; default two per
+    /// CPU within memory, `worker::run::default_concurrency`).
     pub worker_concurrency: Option<usize>,
     /// Long-poll wait (`KARMIC_WORKER_WAIT_SECS`, 20).
     pub worker_wait: Duration,
@@ -152,6 +158,28 @@ pub struct Settings {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+/// The ARNs (or names) of the Secrets Manager secrets that hold what the environment must
+/// not: in AWS a function or the worker is given these, never the secrets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SecretArns {
+    /// `KARMIC_JWT_SECRET_ARN`: the signing key itself (the secret's string).
+    pub jwt: Option<String>,
+    /// `KARMIC_DATABASE_SECRET_ARN`: JSON with `username` and `password`, put into
+    /// `KARMIC_DATABASE_URL`, which names the host, port and database.
+    pub database: Option<String>,
+    /// `KARMIC_MONGODB_SECRET_ARN`: the same for `KARMIC_MONGODB_URL`.
+    pub mongodb: Option<String>,
+    /// `KARMIC_REDIS_SECRET_ARN`: JSON with `password` (the AUTH token) and optionally
+    /// `username`, put into `KARMIC_REDIS_URL`.
+    pub redis: Option<String>,
+}
+
+impl SecretArns {
+    pub fn is_empty(&self) -> bool {
+        self == &SecretArns::default()
+    }
 }
 
 /// The file form: every key optional, same names as the variables without `KARMIC_`,
@@ -201,6 +229,11 @@ struct FileSettings {
     s3_bucket: Option<String>,
     s3_embedded_addr: Option<String>,
     aws_region: Option<String>,
+    jwt_secret_arn: Option<String>,
+    database_secret_arn: Option<String>,
+    mongodb_secret_arn: Option<String>,
+    redis_secret_arn: Option<String>,
+    secrets_endpoint: Option<String>,
     sqs_endpoint: Option<String>,
     sqs_queue_url: Option<String>,
     sqs_dlq_url: Option<String>,
@@ -265,6 +298,8 @@ impl Default for Settings {
             aws_region: "us-east-1".to_owned(),
             aws_credentials: None,
             s3_credentials: None,
+            secret_arns: SecretArns::default(),
+            secrets_endpoint: None,
             sqs_endpoint: None,
             sqs_queue_url: None,
             sqs_dlq_url: None,
@@ -443,6 +478,21 @@ impl Settings {
         }
         if let Some(v) = f.aws_region {
             self.aws_region = v;
+        }
+        if let Some(v) = f.jwt_secret_arn {
+            self.secret_arns.jwt = Some(v);
+        }
+        if let Some(v) = f.database_secret_arn {
+            self.secret_arns.database = Some(v);
+        }
+        if let Some(v) = f.mongodb_secret_arn {
+            self.secret_arns.mongodb = Some(v);
+        }
+        if let Some(v) = f.redis_secret_arn {
+            self.secret_arns.redis = Some(v);
+        }
+        if let Some(v) = f.secrets_endpoint {
+            self.secrets_endpoint = Some(v);
         }
         if let Some(v) = f.sqs_endpoint {
             self.sqs_endpoint = Some(v);
@@ -643,6 +693,21 @@ impl Settings {
                 "KARMIC_AWS_ACCESS_KEY_ID and KARMIC_AWS_SECRET_ACCESS_KEY go together (or neither: the default AWS credential chain)"
             ),
         }
+        if let Some(v) = get("KARMIC_JWT_SECRET_ARN") {
+            self.secret_arns.jwt = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_DATABASE_SECRET_ARN") {
+            self.secret_arns.database = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_MONGODB_SECRET_ARN") {
+            self.secret_arns.mongodb = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_REDIS_SECRET_ARN") {
+            self.secret_arns.redis = Some(v.to_owned());
+        }
+        if let Some(v) = get("KARMIC_SECRETS_ENDPOINT") {
+            self.secrets_endpoint = Some(v.to_owned());
+        }
         if let Some(v) = get("KARMIC_SQS_ENDPOINT") {
             self.sqs_endpoint = Some(v.to_owned());
         }
@@ -691,7 +756,32 @@ impl Settings {
         Ok(())
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
+        let arns = &self.secret_arns;
+        if arns.jwt.is_some() && self.jwt_secret.is_some() {
+            bail!("set KARMIC_JWT_SECRET or KARMIC_JWT_SECRET_ARN, not both");
+        }
+        for (arn, url, names) in [
+            (
+                &arns.database,
+                self.database_url.is_some(),
+                "KARMIC_DATABASE_SECRET_ARN needs KARMIC_DATABASE_URL",
+            ),
+            (
+                &arns.mongodb,
+                self.mongodb_url.is_some(),
+                "KARMIC_MONGODB_SECRET_ARN needs KARMIC_MONGODB_URL",
+            ),
+            (
+                &arns.redis,
+                self.redis_url.is_some(),
+                "KARMIC_REDIS_SECRET_ARN needs KARMIC_REDIS_URL",
+            ),
+        ] {
+            if arn.is_some() && !url {
+                bail!("{names} (the host, port and options; the secret brings the credentials)");
+            }
+        }
         if let Some(s) = &self.jwt_secret
             && s.expose_secret().len() < 32
         {

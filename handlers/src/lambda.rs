@@ -20,7 +20,7 @@ use crate::config::{LogFormat, Settings};
 
 /// Settings for a Lambda function: JSON logs and no migrations unless asked for; refuses
 /// the embedded store.
-fn lambda_settings() -> Result<Settings> {
+async fn lambda_settings() -> Result<Settings> {
     let mut settings = Settings::load()?;
     if std::env::var_os("KARMIC_LOG_FORMAT").is_none() {
         settings.log_format = LogFormat::Json;
@@ -30,13 +30,14 @@ fn lambda_settings() -> Result<Settings> {
         settings.auto_migrate = false;
     }
     crate::telemetry::init(settings.log_format);
+    settings.resolve_secrets().await?;
     refuse_embedded(&settings)?;
     Ok(settings)
 }
 
 /// Run one Lambda function serving `service`'s routes.
 pub async fn run(service: Service) -> Result<()> {
-    let settings = lambda_settings()?;
+    let settings = lambda_settings().await?;
     let runtime = Runtime::build(settings).await?;
     let router = runtime.router(service);
     lambda_http::run(router)
@@ -59,24 +60,136 @@ pub fn refuse_embedded(settings: &Settings) -> Result<()> {
     Ok(())
 }
 
-/// Run the projector function: every invocation (a schedule, or a nudge after commits)
-/// drives all projections towards the head until caught up or out of time.
-pub async fn run_projector() -> Result<()> {
+/// Run the authorizer function (`crate::authorizer`). It needs only the signing key (no
+/// database, no read model), so its cold start is the settings, the logs and the key.
+pub async fn run_authorizer() -> Result<()> {
+    use aws_lambda_events::apigw::ApiGatewayV2CustomAuthorizerV2Request;
     use lambda_http::lambda_runtime::{self, LambdaEvent};
-    let settings = lambda_settings()?;
-    let runtime = Runtime::build(settings).await?;
-    let projector = runtime.projector.clone();
+    let mut settings = Settings::load()?;
+    if std::env::var_os("KARMIC_LOG_FORMAT").is_none() {
+        settings.log_format = LogFormat::Json;
+    }
+    crate::telemetry::init(settings.log_format);
+    settings.resolve_secrets().await?;
+    let secret = settings.jwt_secret.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("KARMIC_JWT_SECRET_ARN (or KARMIC_JWT_SECRET) must be set in Lambda")
+    })?;
+    let tokens = std::sync::Arc::new(crate::auth::HmacTokens::new(
+        secret,
+        &settings.jwt_issuer,
+        &settings.jwt_audience,
+        settings.token_ttl,
+    ));
     lambda_runtime::run(lambda_http::service_fn(
-        move |event: LambdaEvent<serde_json::Value>| {
-            let projector = projector.clone();
+        move |event: LambdaEvent<ApiGatewayV2CustomAuthorizerV2Request>| {
+            let tokens = tokens.clone();
             async move {
-                let run = project_until(&projector, event.context.deadline()).await;
-                Ok::<_, lambda_http::Error>(run)
+                Ok::<_, lambda_http::Error>(crate::authorizer::authorize(
+                    tokens.as_ref(),
+                    &event.payload,
+                ))
             }
         },
     ))
     .await
     .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+}
+
+/// Run the projector function: every invocation (a schedule, or a nudge after commits)
+/// drives all projections towards the head until caught up or out of time, then logs the
+/// lag left as a metric ([`lag_metric`]). Invoked with `{"action": "migrate"}`, it
+/// applies the database migrations instead (the deploy's migration step: the database is
+/// reachable only from inside the VPC).
+pub async fn run_projector() -> Result<()> {
+    use lambda_http::lambda_runtime::{self, LambdaEvent};
+    let settings = lambda_settings().await?;
+    let runtime = Runtime::build(settings.clone()).await?;
+    let projector = runtime.projector.clone();
+    let stage = std::env::var("KARMIC_STAGE").unwrap_or_else(|_| "local".to_owned());
+    lambda_runtime::run(lambda_http::service_fn(
+        move |event: LambdaEvent<serde_json::Value>| {
+            let projector = projector.clone();
+            let stage = stage.clone();
+            let settings = settings.clone();
+            async move {
+                // The deploy's migration step (infra/README.md): `{"action": "migrate"}`
+                // does what `karmic migrate` does: the SQL schema and the DocumentDB
+                // indexes, by building the runtime with migrations on.
+                match event.payload.get("action") {
+                    None => {}
+                    Some(a) if a == "migrate" => {
+                        let mut s = settings;
+                        s.auto_migrate = true;
+                        Runtime::build(s)
+                            .await
+                            .map_err(|e| lambda_http::Error::from(format!("migrating: {e:#}")))?;
+                        tracing::info!("migrations applied");
+                        return Ok(serde_json::json!({"migrated": true}));
+                    }
+                    Some(other) => {
+                        return Err(lambda_http::Error::from(format!(
+                            "unknown action {other}: the projector function takes no payload, or {{\"action\": \"migrate\"}}"
+                        )));
+                    }
+                }
+                let run = project_until(&projector, event.context.deadline()).await;
+                // What is left behind, for the projection-lag alarm. When the store cannot
+                // be read, nothing is published, and the alarm counts the gap as lag.
+                match projections::ops::status(&projector).await {
+                    Ok(statuses) => {
+                        // A line of its own on stdout, which Lambda sends to CloudWatch
+                        // Logs (where EMF lines become metrics).
+                        use std::io::Write as _;
+                        let line = lag_metric(&stage, &statuses, now_ms());
+                        let _ = writeln!(std::io::stdout().lock(), "{line}");
+                    }
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "projection lag not measured"),
+                }
+                Ok::<_, lambda_http::Error>(serde_json::to_value(run)?)
+            }
+        },
+    ))
+    .await
+    .map_err(|e| anyhow::anyhow!("lambda runtime: {e}"))
+}
+
+fn now_ms() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// The projection lag as a CloudWatch Embedded Metric Format log line: namespace
+/// `Karmic`, dimension `Stage`, the age in seconds of the oldest event some projection
+/// has not applied (`ProjectionLagSeconds`, 0 when every one is caught up) and how many
+/// events that projection is behind (`ProjectionLagEvents`). CloudWatch Logs turns the
+/// line into metrics; the template's alarm watches the first.
+pub fn lag_metric(
+    stage: &str,
+    statuses: &[projections::ops::ProjectionStatus],
+    timestamp_ms: u128,
+) -> serde_json::Value {
+    let seconds = statuses
+        .iter()
+        .map(|s| s.lag_seconds)
+        .fold(0.0_f64, f64::max);
+    let events = statuses.iter().map(|s| s.lag_events).max().unwrap_or(0);
+    serde_json::json!({
+        "_aws": {
+            "Timestamp": timestamp_ms,
+            "CloudWatchMetrics": [{
+                "Namespace": "Karmic",
+                "Dimensions": [["Stage"]],
+                "Metrics": [
+                    {"Name": "ProjectionLagSeconds", "Unit": "Seconds"},
+                    {"Name": "ProjectionLagEvents", "Unit": "Count"},
+                ],
+            }],
+        },
+        "Stage": stage,
+        "ProjectionLagSeconds": seconds,
+        "ProjectionLagEvents": events,
+    })
 }
 
 /// What one projector invocation did.
@@ -148,5 +261,49 @@ pub async fn project_until(projector: &Projector, deadline: SystemTime) -> Proje
             // Someone else holds a lease: give them a moment.
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use projections::ops::ProjectionStatus;
+
+    fn status(name: &str, lag_events: i64, lag_seconds: f64) -> ProjectionStatus {
+        ProjectionStatus {
+            name: name.to_owned(),
+            checkpoint: "0".to_owned(),
+            head: None,
+            lag_events,
+            lag_seconds,
+        }
+    }
+
+    #[test]
+    fn the_lag_metric_is_an_embedded_metric_format_line_of_the_worst_projection() {
+        let line = lag_metric(
+            "prod",
+            &[
+                status("users", 0, 0.0),
+                status("documents", 12, 42.5),
+                status("profiles", 30, 3.0),
+            ],
+            1_796_612_645_000,
+        );
+        let directive = &line["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(line["_aws"]["Timestamp"], 1_796_612_645_000_u64);
+        assert_eq!(directive["Namespace"], "Karmic");
+        assert_eq!(directive["Dimensions"], serde_json::json!([["Stage"]]));
+        // Every metric named in the directive is a member of the line, as EMF requires.
+        for m in directive["Metrics"].as_array().unwrap() {
+            assert!(line.get(m["Name"].as_str().unwrap()).is_some(), "{m}");
+        }
+        assert_eq!(line["Stage"], "prod");
+        assert_eq!(line["ProjectionLagSeconds"], 42.5);
+        assert_eq!(line["ProjectionLagEvents"], 30);
+        // Caught up: zeros, still published (a missing point means the projector did not run).
+        let idle = lag_metric("prod", &[status("users", 0, 0.0)], 0);
+        assert_eq!(idle["ProjectionLagSeconds"], 0.0);
+        assert_eq!(idle["ProjectionLagEvents"], 0);
     }
 }

@@ -3,12 +3,14 @@
 
 pub mod app;
 pub mod auth;
+pub mod authorizer;
 pub mod config;
 pub mod extract;
 pub mod lambda;
 pub mod openapi;
 pub mod problem;
 pub mod routes;
+pub mod secrets;
 pub mod telemetry;
 pub mod throttle;
 

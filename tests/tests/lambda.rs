@@ -276,3 +276,202 @@ async fn lambda_errors_are_problem_documents_with_a_bearer_challenge() {
     let r = invoke(&auth, e).await;
     assert_eq!(r["statusCode"], 400);
 }
+
+const AUTHORIZER_FIXTURE: &str = include_str!("../fixtures/apigw_v2_authorizer_request.json");
+
+/// An API Gateway v2 REQUEST authorizer event carrying `authorization` (or none).
+fn authorizer_event(
+    authorization: Option<&str>,
+) -> aws_lambda_events::apigw::ApiGatewayV2CustomAuthorizerV2Request {
+    let mut e: Value = serde_json::from_str(AUTHORIZER_FIXTURE).unwrap();
+    match authorization {
+        Some(a) => {
+            e["identitySource"] = json!([a]);
+            e["headers"]["authorization"] = json!(a);
+        }
+        None => {
+            e.as_object_mut().unwrap().remove("identitySource");
+            e["headers"]
+                .as_object_mut()
+                .unwrap()
+                .remove("authorization");
+        }
+    }
+    serde_json::from_value(e).unwrap()
+}
+
+#[tokio::test]
+async fn the_authorizer_lets_through_exactly_the_tokens_the_functions_accept() {
+    use handlers::auth::{HmacTokens, TokenVerifier};
+    let db = TestDb::new(Backend::Sqlite).await;
+    let settings = db.settings();
+    let rt = tests::runtime(&db).await;
+    let profiles = rt.router(Service::Profiles);
+    // A real user's token, from the auth function.
+    let auth = rt.router(Service::Auth);
+    let r = invoke(
+        &auth,
+        event(
+            "POST",
+            "/auth/register",
+            "",
+            Some(json!({"email": "authz@example.com", "password": PASSWORD, "display_name": "Az"})),
+            &[],
+            false,
+        ),
+    )
+    .await;
+    assert_eq!(r["statusCode"], 201, "{r}");
+    let r = invoke(
+        &auth,
+        event(
+            "POST",
+            "/auth/login",
+            "",
+            Some(json!({"email": "authz@example.com", "password": PASSWORD})),
+            &[],
+            false,
+        ),
+    )
+    .await;
+    let token = body(&r)["access_token"].as_str().unwrap().to_owned();
+    let secret = settings.jwt_secret.clone().unwrap();
+    let tokens = HmacTokens::new(
+        &secret,
+        &settings.jwt_issuer,
+        &settings.jwt_audience,
+        settings.token_ttl,
+    );
+    let user = tokens.verify(&token).unwrap();
+
+    // Through the real serialisation both ways: the fixture in, the simple response out.
+    let allowed = handlers::authorizer::authorize(
+        &tokens,
+        &authorizer_event(Some(&format!("Bearer {token}"))),
+    );
+    let out = serde_json::to_value(&allowed).unwrap();
+    assert_eq!(out["isAuthorized"], true, "{out}");
+    assert_eq!(out["context"]["sub"], user.user_id.to_string());
+    assert_eq!(out["context"]["role"], "user");
+
+    // Refused: no token, another scheme, a tampered token, another key's token, an
+    // expired one; each also refused by the function itself.
+    let other = HmacTokens::new(
+        &"another-secret-of-at-least-32-bytes!!".to_owned().into(),
+        &settings.jwt_issuer,
+        &settings.jwt_audience,
+        settings.token_ttl,
+    );
+    let foreign = other.issue(user.user_id, user.role).unwrap();
+    let now = jsonwebtoken::get_current_timestamp();
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &handlers::auth::Claims {
+            sub: user.user_id.to_string(),
+            iat: now - 3_600,
+            exp: now - 60,
+            iss: settings.jwt_issuer.clone(),
+            aud: settings.jwt_audience.clone(),
+            role: user.role,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(
+            secrecy::ExposeSecret::expose_secret(&secret).as_bytes(),
+        ),
+    )
+    .unwrap();
+    let mut tampered = token.clone();
+    tampered.pop();
+    tampered.push(if token.ends_with('A') { 'B' } else { 'A' });
+    for header in [
+        None,
+        Some(format!("Basic {token}")),
+        Some("Bearer ".to_owned()),
+        Some(format!("Bearer {tampered}")),
+        Some(format!("Bearer {foreign}")),
+        Some(format!("Bearer {expired}")),
+    ] {
+        let decision =
+            handlers::authorizer::authorize(&tokens, &authorizer_event(header.as_deref()));
+        let out = serde_json::to_value(&decision).unwrap();
+        assert_eq!(out["isAuthorized"], false, "{header:?}: {out}");
+        let path = "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001";
+        let headers: Vec<(&str, &str)> = header
+            .as_deref()
+            .map(|h| vec![("authorization", h)])
+            .unwrap_or_default();
+        let r = invoke(&profiles, event("GET", path, "", None, &headers, false)).await;
+        assert_eq!(
+            r["statusCode"], 401,
+            "{header:?}: the function refuses it too"
+        );
+    }
+}
+
+/// Log lines written through the production JSON format, kept for the test to read.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn lambda_logs_carry_the_x_ray_trace_id_and_the_invocation_id() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let rt = tests::runtime(&db).await;
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = handlers::telemetry::json_subscriber(
+        tracing_subscriber::EnvFilter::new("info,tower_http=debug"),
+        move || writer.clone(),
+    );
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let payload: LambdaRequest = serde_json::from_value(event(
+        "GET",
+        "/profiles/0190f0c4-1b2c-7d3e-8f40-000000000001",
+        "",
+        None,
+        &[],
+        false,
+    ))
+    .unwrap();
+    let mut context = Context::default();
+    context.request_id = "8476a536-e9f4-11e8-9739-2dfe598c3fcd".to_owned();
+    context.xray_trace_id = Some(
+        "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700;Parent=9a9197af755a6419;Sampled=1".to_owned(),
+    );
+    let mut adapter = lambda_http::Adapter::from(rt.router(Service::Profiles));
+    let adapter = adapter.ready().await.unwrap();
+    let response = adapter
+        .call(LambdaEvent::new(payload, context))
+        .await
+        .unwrap();
+    assert_eq!(serde_json::to_value(&response).unwrap()["statusCode"], 401);
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let in_request: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["span"]["name"] == "request")
+        .collect();
+    assert!(!in_request.is_empty(), "{text}");
+    for line in in_request {
+        assert_eq!(
+            line["span"]["trace_id"],
+            "Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700;Parent=9a9197af755a6419;Sampled=1",
+            "{line}"
+        );
+        assert_eq!(
+            line["span"]["aws_request_id"],
+            "8476a536-e9f4-11e8-9739-2dfe598c3fcd"
+        );
+    }
+}
