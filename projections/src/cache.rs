@@ -389,6 +389,12 @@ impl RedisCache {
                 Ok::<(), std::convert::Infallible>(())
             });
         }
+        if matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+            // rediss:// (ElastiCache encrypts in transit): rustls is built with two crypto
+            // providers in this workspace and will not pick one itself. Another part of the
+            // process may have chosen already; that one stays.
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        }
         let client = redis::Client::open(info).context("parsing KARMIC_REDIS_URL")?;
         // Connecting lazily would hide a wrong URL; a down server is fine later on.
         let conn = tokio::time::timeout(

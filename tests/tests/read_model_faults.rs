@@ -650,3 +650,26 @@ async fn reads_keep_answering_during_a_rebuild_and_a_killed_rebuild_can_be_rerun
         .unwrap();
     assert_eq!(p["display_name"], "edit 299");
 }
+
+/// `rediss://` (ElastiCache with encryption in transit) speaks TLS: against the local
+/// Redis, which speaks plain text, the handshake fails. Without TLS compiled in, the same
+/// call fails at once with "the feature is not enabled"; with two crypto providers and
+/// none chosen, it panics.
+#[tokio::test]
+async fn a_rediss_url_connects_over_tls() {
+    let url = tests::redis_url().replacen("redis://", "rediss://", 1);
+    assert!(url.starts_with("rediss://"), "{url}");
+    let settings = CacheSettings {
+        near_entries: 0,
+        ..CacheSettings::default()
+    };
+    let err = match RedisCache::connect(&url, settings).await {
+        Ok(_) => panic!("a plain-text server accepted a TLS client"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        !err.contains("not enabled") && !err.contains("feature"),
+        "{err}"
+    );
+    assert!(err.contains("connecting to Redis"), "{err}");
+}
